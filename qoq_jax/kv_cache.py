@@ -1,0 +1,115 @@
+"""The paged KV cache: the device-side page pools and the host-side page allocator.
+
+Every layer's K and V live in one pool each, ``[L, num_pages, page_size, Hkv, D]``, so the
+jitted step carries two arrays and updates them in place (the caller donates them). A sequence
+owns a list of pages, given to the kernels as a row of an int32 page table. Page 0 is reserved
+as scratch: writes for padding positions and finished sequences are sent there, so a padded
+batch never touches another sequence's pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCRATCH_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    k: jax.Array  # [L, num_pages, page_size, Hkv, D]
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+              head_dim: int, dtype) -> "PagedKVCache":
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+
+def slot_indices(page_table: jax.Array, positions: jax.Array, valid: jax.Array,
+                 page_size: int) -> tuple[jax.Array, jax.Array]:
+    """(page, slot) of each token position; invalid ones map to the scratch page.
+
+    page_table [B, maxp]; positions, valid [B, T] -> two [B, T] int32 arrays.
+    """
+    page_col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    page = jnp.take_along_axis(page_table, page_col, axis=1)
+    page = jnp.where(valid, page, SCRATCH_PAGE)
+    return page.astype(jnp.int32), (positions % page_size).astype(jnp.int32)
+
+
+def write_kv(cache: PagedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
+             page: jax.Array, slot: jax.Array) -> PagedKVCache:
+    """Scatter new k/v [B, T, Hkv, D] into `layer` of the pools at (page, slot) [B, T]."""
+    return PagedKVCache(
+        cache.k.at[layer, page, slot].set(k.astype(cache.k.dtype)),
+        cache.v.at[layer, page, slot].set(v.astype(cache.v.dtype)),
+    )
+
+
+class OutOfPagesError(RuntimeError):
+    """The KV cache has no free page left for a request."""
+
+
+class PageAllocator:
+    """Free-list allocator of cache pages (host side). Page 0 is never handed out."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages < 2:
+            raise ValueError("a paged KV cache needs at least 2 pages (page 0 is scratch)")
+        self.num_pages, self.page_size = num_pages, page_size
+        self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
+        self._owned: dict[int, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def pages(self, seq_id: int) -> list[int]:
+        return list(self._owned.get(seq_id, ()))
+
+    def ensure(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Make `seq_id` own enough pages for `num_tokens` tokens; returns its page list."""
+        owned = self._owned.setdefault(seq_id, [])
+        need = self.pages_for(num_tokens) - len(owned)
+        if need > len(self._free):
+            if not owned:
+                del self._owned[seq_id]
+            raise OutOfPagesError(
+                f"sequence {seq_id} needs {need} more KV-cache pages of {self.page_size} tokens, "
+                f"but only {len(self._free)} of {self.num_pages - 1} are free")
+        for _ in range(max(need, 0)):
+            owned.append(self._free.pop())
+        return list(owned)
+
+    def free(self, seq_id: int) -> None:
+        pages = self._owned.pop(seq_id, None)
+        if pages is None:
+            raise KeyError(f"sequence {seq_id} owns no pages")
+        self._free.extend(reversed(pages))
+
+    def page_table(self, seq_ids: list[int], max_pages: int) -> np.ndarray:
+        """int32 [len(seq_ids), max_pages]; unused entries point at the scratch page."""
+        table = np.full((len(seq_ids), max_pages), SCRATCH_PAGE, np.int32)
+        for row, sid in enumerate(seq_ids):
+            pages = self._owned.get(sid, [])
+            if len(pages) > max_pages:
+                raise ValueError(f"sequence {sid} owns {len(pages)} pages > max_pages {max_pages}")
+            table[row, :len(pages)] = pages
+        return table

@@ -1,0 +1,92 @@
+"""Building blocks of the Llama-family transformer: linear, RMSNorm, RoPE, embedding.
+
+Every projection of the model is a ``Linear``, created through ``make_linear``; the W4A8 variant
+(packed INT4 weights, INT8 activations) replaces it there without the model code changing.
+Weights keep Hugging Face's [out, in] layout, which is also the K-contiguous operand layout the
+INT8 tensor-core GEMM wants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    """y = x Wᵀ (+ b), W [out, in], computed in the weight dtype with fp32 accumulation."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        y = jnp.einsum("...k,nk->...n", x.astype(w.dtype), w,
+                       preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(w.dtype)
+
+
+LinearFactory = Callable[..., nnx.Module]
+
+
+def make_linear(in_features: int, out_features: int, *, bias: bool, dtype,
+                factory: LinearFactory | None = None) -> nnx.Module:
+    """The one place the model creates projections; `factory` swaps in a quantized layer."""
+    return (factory or Linear)(in_features, out_features, bias=bias, dtype=dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Hugging Face's Llama RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype):
+        self.weight = nnx.Param(jnp.zeros((vocab, dim), dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied lm_head: logits = x Eᵀ, in fp32."""
+        w = self.weight[...]
+        return jnp.einsum("...d,vd->...v", x.astype(w.dtype), w,
+                          preferred_element_type=jnp.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [..., head_dim // 2] for integer positions, in fp32 (as transformers computes them).
+
+    Taking the inverse frequencies as an input is what makes Llama-3 and linear scaling work:
+    the scaling lives entirely in `inv_freq` (config.rope_inv_freq).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x [..., T, H, D]; cos/sin [..., T, D/2] broadcast over heads."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[..., None, :], sin[..., None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)

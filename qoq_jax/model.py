@@ -1,0 +1,190 @@
+"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax NNX.
+
+The modules hold the weights, named after Hugging Face's so that loading is a mechanical
+mapping; the decoder layers are created once with a leading layer axis (``nnx.vmap``) and run
+with ``lax.scan``, so a 30- or 80-layer model compiles as one layer. Two free functions run it:
+
+- ``prefill``: a padded batch of prompts; writes every valid position's K/V into the paged cache
+  and attends over the fresh 16-bit q/k/v (as QServe does), returns the last valid logits.
+- ``decode_step``: one token per sequence; writes its K/V and attends over the cache.
+
+Attention and cache writes go through ``pallas_kernels`` (XLA reference on CPU, Pallas on GPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.paged_attention import paged_decode_attention
+from pallas_kernels.prefill_attention import prefill_attention
+from qoq_jax.config import ModelConfig, rope_inv_freq
+from qoq_jax.hf import CheckpointError
+from qoq_jax.kv_cache import PagedKVCache, slot_indices, write_kv
+from qoq_jax.layers import (Embedding, LinearFactory, RMSNorm, apply_rope, make_linear,
+                            rope_cos_sin)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, linear: LinearFactory | None = None):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = make_linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
+        self.k_proj = make_linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
+        self.v_proj = make_linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
+        self.o_proj = make_linear(cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, factory=linear)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, linear: LinearFactory | None = None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_linear(d, f, bias=cfg.mlp_bias, dtype=dtype, factory=linear)
+        self.up_proj = make_linear(d, f, bias=cfg.mlp_bias, dtype=dtype, factory=linear)
+        self.down_proj = make_linear(f, d, bias=cfg.mlp_bias, dtype=dtype, factory=linear)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, linear: LinearFactory | None = None):
+        self.self_attn = Attention(cfg, dtype, linear)
+        self.mlp = MLP(cfg, dtype, linear)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, linear: LinearFactory | None = None):
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nnx.vmap(lambda: DecoderLayer(cfg, dtype, linear), axis_size=cfg.num_layers,
+                               in_axes=(), out_axes=0)()
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        make_linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h).astype(jnp.float32)
+
+
+def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, layer_idx,
+                   page, slot, attend):
+    """One decoder layer. `attend(q, k, v, cache, layer_idx)` is prefill or decode attention."""
+    b, t, _ = x.shape
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    q = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cache = write_kv(cache, layer_idx, k, v, page, slot)
+    o = attend(q, k, v, cache, layer_idx)
+    x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim))
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, cache
+
+
+def _run_layers(model: Transformer, x, positions, valid, cache, page_table, attend):
+    cfg = model.config
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
+    page, slot = slot_indices(page_table, positions, valid, cache.page_size)
+    graphdef, stacked = nnx.split(model.layers)
+
+    def body(carry, xs):
+        x, cache = carry
+        layer_state, layer_idx = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return _layer_forward(layer, cfg, x, cos, sin, cache, layer_idx, page, slot, attend), None
+
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers)))
+    return x, cache
+
+
+def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: PagedKVCache,
+            page_table: jax.Array, *, all_logits: bool = False):
+    """A right-padded batch of prompts tokens [B, T] with lengths [B].
+
+    Returns (logits, cache): logits [B, V] at each prompt's last token, or [B, T, V] with
+    all_logits. Positions past a prompt's length write to the scratch page only.
+    """
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = positions < lengths[:, None]
+
+    def attend(q, k, v, cache, layer_idx):
+        return prefill_attention(q, k, v, lengths)
+
+    x = model.embed_tokens(tokens)
+    h, cache = _run_layers(model, x, positions, valid, cache, page_table, attend)
+    if not all_logits:
+        h = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(h), cache
+
+
+def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, active: jax.Array,
+                cache: PagedKVCache, page_table: jax.Array):
+    """One new token per sequence: tokens, positions, active [B] -> (logits [B, V], cache).
+
+    The token at `positions[b]` is written to the cache and attends over positions 0..pos.
+    Inactive sequences (finished, or padding of the batch) write to the scratch page.
+    """
+    def attend(q, k, v, cache, layer_idx):
+        o = paged_decode_attention(q[:, 0], cache.k, cache.v, layer_idx, page_table,
+                                   positions + 1)
+        return o[:, None]
+
+    x = model.embed_tokens(tokens[:, None])
+    h, cache = _run_layers(model, x, positions[:, None], active[:, None], cache, page_table, attend)
+    return model.logits(h[:, 0]), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading Hugging Face weights
+
+
+def hf_name(path: tuple, layer: int | None = None) -> str:
+    """NNX parameter path -> Hugging Face tensor name (the modules mirror HF's names)."""
+    parts = [str(p) for p in path]
+    if parts[0] == "layers":
+        return f"model.layers.{layer}." + ".".join(parts[1:])
+    if parts[0] == "lm_head":
+        return "lm_head.weight"
+    return "model." + ".".join(parts)
+
+
+def from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype=jnp.float32,
+                    linear: LinearFactory | None = None) -> Transformer:
+    """Build the model from HF-named tensors, checking every name and shape."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if not isinstance(var, nnx.Param):
+            flat.append((path, var))
+            continue
+        shape = tuple(var.shape)
+        if path[0] == "layers":
+            parts = [_get(weights, hf_name(path, i), shape[1:]) for i in range(cfg.num_layers)]
+            value = np.stack(parts)
+        else:
+            value = _get(weights, hf_name(path), shape)
+        flat.append((path, var.replace(value=jnp.asarray(value, dtype=var.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _get(weights: Mapping[str, np.ndarray], name: str, shape: tuple) -> np.ndarray:
+    if name not in weights:
+        raise CheckpointError(f"checkpoint has no tensor {name!r}")
+    w = weights[name]
+    if tuple(w.shape) != tuple(shape):
+        raise CheckpointError(
+            f"tensor {name!r} has shape {tuple(w.shape)}, but the config implies {tuple(shape)}")
+    return np.asarray(w, dtype=np.float32) if w.dtype != np.float32 else w
