@@ -1,0 +1,107 @@
+"""Shared test helpers: tiny random Hugging Face checkpoints and the torch oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qoq_jax.config import ModelConfig
+from qoq_jax.hf import save_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny configs covering what differs between the supported architectures.
+TINY_CONFIGS = {
+    # tied embeddings, GQA 2, Llama-3 rope scaling (factor chosen so all three bands are hit)
+    "llama3": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=96,
+                   hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+    # Llama 2 style with attention and MLP biases, no GQA, untied
+    "llama_bias": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=80,
+                       hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=3, num_key_value_heads=3, rope_theta=10000.0,
+                       attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                       rms_norm_eps=1e-6, max_position_embeddings=256, bos_token_id=1,
+                       eos_token_id=2),
+    # Mistral: GQA 4, untied
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=90,
+                    hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                    rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None,
+                    rms_norm_eps=1e-5, max_position_embeddings=256, bos_token_id=1,
+                    eos_token_id=2),
+    # Qwen2: q/k/v bias, GQA 3 (not a power of two), tied
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=100,
+                  hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2, rope_theta=1000000.0,
+                  tie_word_embeddings=True, use_sliding_window=False, rms_norm_eps=1e-6,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+}
+
+
+def random_hf_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.08) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    out = {"model.embed_tokens.weight": w(cfg.vocab_size, d) * 10, "model.norm.weight": norm(d)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = w(cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        dims = {"self_attn.q_proj": (cfg.num_heads * hd, d), "self_attn.k_proj": (cfg.num_kv_heads * hd, d),
+                "self_attn.v_proj": (cfg.num_kv_heads * hd, d), "self_attn.o_proj": (d, cfg.num_heads * hd),
+                "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+        for name, shape in dims.items():
+            out[p + name + ".weight"] = w(*shape)
+            is_qkv = name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+            if (is_qkv and cfg.qkv_bias) or (name == "self_attn.o_proj" and cfg.o_bias) or (
+                    name.startswith("mlp.") and cfg.mlp_bias):
+                out[p + name + ".bias"] = w(shape[0])
+        out[p + "input_layernorm.weight"] = norm(d)
+        out[p + "post_attention_layernorm.weight"] = norm(d)
+    return out
+
+
+def make_tiny_checkpoint(path: Path, name: str, seed: int = 0, **overrides) -> Path:
+    hf = {**TINY_CONFIGS[name], **overrides}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf))
+    cfg = ModelConfig.from_hf_dict(hf)
+    save_safetensors(random_hf_weights(cfg, seed), path)
+    return path
+
+
+def run_oracle(jobs: list[dict], out_dir: Path) -> Path:
+    """Run tests/reference/hf_oracle.py in the oracle's interpreter ($QOQ_REF_PYTHON)."""
+    ref = os.environ.get("QOQ_REF_PYTHON") or str(REPO / ".venv-ref" / "bin" / "python")
+    if not Path(ref).exists():
+        msg = (f"the torch oracle's interpreter {ref} is missing (make ref-venv builds it, "
+               "or set QOQ_REF_PYTHON)")
+        if os.environ.get("QOQ_REQUIRE_REF"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(jobs, f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    proc = subprocess.run([ref, str(REPO / "tests" / "reference" / "hf_oracle.py"), f.name,
+                           str(out_dir)], capture_output=True, text=True, env=env)
+    os.unlink(f.name)
+    if proc.returncode != 0:
+        raise RuntimeError(f"oracle failed:\n{proc.stderr[-4000:]}")
+    return out_dir

@@ -1,0 +1,83 @@
+"""The test oracle: transformers' PyTorch implementation, run in its own interpreter.
+
+Run by the tests as ``$QOQ_REF_PYTHON tests/reference/hf_oracle.py JOBS.json OUT_DIR``; never
+imported by the package (torch is not one of its dependencies). JOBS.json is a list of jobs:
+
+- {"kind": "logits", "name": N, "model": DIR, "tokens": [[...], ...]}
+    fp32 logits of each token list run alone -> OUT_DIR/N.npz with arrays "0", "1", ...
+- {"kind": "greedy", "name": N, "model": DIR, "prompts": [[...], ...], "max_new_tokens": K}
+    greedy generation of each prompt alone (stops at EOS) -> OUT_DIR/N.json: list of token lists
+- {"kind": "gguf_weights", "name": N, "gguf": FILE, "model": DIR}
+    load FILE with transformers' own GGUF loader and DIR (our conversion) with from_pretrained;
+    -> OUT_DIR/N.json: {tensor name: max abs difference}, plus the names missing on either side
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+torch.set_num_threads(2)
+
+
+def _load(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    return model.eval()
+
+
+def logits(job, out):
+    model = _load(job["model"])
+    arrays = {}
+    with torch.no_grad():
+        for i, toks in enumerate(job["tokens"]):
+            ids = torch.tensor([toks], dtype=torch.long)
+            arrays[str(i)] = model(input_ids=ids).logits[0].float().numpy()
+    np.savez(out / f"{job['name']}.npz", **arrays)
+
+
+def greedy(job, out):
+    model = _load(job["model"])
+    results = []
+    with torch.no_grad():
+        for toks in job["prompts"]:
+            ids = torch.tensor([toks], dtype=torch.long)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=job["max_new_tokens"], do_sample=False,
+                                 pad_token_id=model.config.eos_token_id)
+            results.append([int(t) for t in gen[0, len(toks):]])
+    (out / f"{job['name']}.json").write_text(json.dumps(results))
+
+
+def gguf_weights(job, out):
+    from transformers import GgufConfig
+
+    path = Path(job["gguf"])
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True)).state_dict()
+    ours = _load(job["model"]).state_dict()
+    diffs = {k: float((ours[k].float() - theirs[k].float()).abs().max())
+             for k in ours if k in theirs and ours[k].shape == theirs[k].shape}
+    report = {
+        "max_abs_diff": diffs,
+        "shape_mismatch": [k for k in ours if k in theirs and ours[k].shape != theirs[k].shape],
+        "only_ours": sorted(set(ours) - set(theirs)),
+        "only_theirs": sorted(set(theirs) - set(ours)),
+    }
+    (out / f"{job['name']}.json").write_text(json.dumps(report))
+
+
+def main():
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        {"logits": logits, "greedy": greedy, "gguf_weights": gguf_weights}[job["kind"]](job, out)
+
+
+if __name__ == "__main__":
+    main()
