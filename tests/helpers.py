@@ -105,3 +105,22 @@ def run_oracle(jobs: list[dict], out_dir: Path) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"oracle failed:\n{proc.stderr[-4000:]}")
     return out_dir
+
+
+def lower_for_h100(fn, *args) -> str:
+    """Trace and lower `fn` for CUDA under an abstract H100 (no GPU needed); returns the HLO text.
+
+    This runs the whole Pallas -> Triton IR lowering, which catches what Triton will not accept
+    (value slicing, concatenation along K, non-power-of-two loads) that interpret mode lets through.
+    """
+    import jax
+
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                     abstract_device=dev)
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
