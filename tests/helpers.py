@@ -124,3 +124,14 @@ def lower_for_h100(fn, *args) -> str:
 
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def on_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+# The shared kernel-test switch: on CPU the Pallas kernels run in interpret mode; on a GPU
+# (benchmarks/gpu_check.sh sets JAX_PLATFORMS=cuda) the same tests run the compiled kernels.
+PALLAS = {"backend": "pallas", "interpret": not on_gpu()}

@@ -1,11 +1,12 @@
-"""Per-token INT8 activation quantization: Pallas (interpret) vs XLA vs an independent NumPy."""
+"""Per-token INT8 activation quantization: Pallas (interpret mode on CPU, compiled on a GPU) vs
+XLA vs an independent NumPy reference."""
 
 import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TRITON_CALL, lower_for_h100
+from helpers import PALLAS, TRITON_CALL, lower_for_h100, on_gpu
 
 from pallas_kernels._common import round_half_even
 from pallas_kernels.quantize import quantize_per_token, rmsnorm_quantize, silu_mul_quantize
@@ -42,7 +43,11 @@ def _assert_matches_numpy(out, v):
 
 
 def _assert_same(a, b):
-    np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
+    if on_gpu():  # the GPU's float32 division may move a value on a .5 boundary by one code
+        diff = np.abs(np.asarray(a.values, np.int32) - np.asarray(b.values, np.int32))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    else:
+        np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
     np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
     if a.row_sum is not None:
         np.testing.assert_allclose(np.asarray(a.row_sum), np.asarray(b.row_sum), rtol=1e-5,
@@ -62,7 +67,7 @@ def test_round_half_even_matches_numpy():
 def test_plain(m, k, with_sum):
     x = _data(m, k, seed=m + k)
     xla = quantize_per_token(jnp.asarray(x), with_sum=with_sum, backend="xla")
-    pal = quantize_per_token(jnp.asarray(x), with_sum=with_sum, interpret=True)
+    pal = quantize_per_token(jnp.asarray(x), with_sum=with_sum, **PALLAS)
     _assert_same(xla, pal)
     _assert_matches_numpy(pal, x)
     assert (pal.row_sum is not None) == with_sum
@@ -73,7 +78,7 @@ def test_rmsnorm_fused(m, k):
     x = _data(m, k, seed=3)
     w = np.random.default_rng(4).uniform(0.5, 1.5, k).astype(np.float32)
     xla = rmsnorm_quantize(jnp.asarray(x), jnp.asarray(w), 1e-5, with_sum=True, backend="xla")
-    pal = rmsnorm_quantize(jnp.asarray(x), jnp.asarray(w), 1e-5, with_sum=True, interpret=True)
+    pal = rmsnorm_quantize(jnp.asarray(x), jnp.asarray(w), 1e-5, with_sum=True, **PALLAS)
     _assert_same(xla, pal)
     x64 = x.astype(np.float64)
     normed = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
@@ -84,7 +89,7 @@ def test_rmsnorm_fused(m, k):
 def test_silu_mul_fused(m, k):
     g, u = _data(m, k, seed=5) / 10, _data(m, k, seed=6) / 10
     xla = silu_mul_quantize(jnp.asarray(g), jnp.asarray(u), with_sum=True, backend="xla")
-    pal = silu_mul_quantize(jnp.asarray(g), jnp.asarray(u), with_sum=True, interpret=True)
+    pal = silu_mul_quantize(jnp.asarray(g), jnp.asarray(u), with_sum=True, **PALLAS)
     _assert_same(xla, pal)
     g64 = g.astype(np.float64)
     _assert_matches_numpy(pal, g64 / (1 + np.exp(-g64)) * u)
@@ -93,7 +98,7 @@ def test_silu_mul_fused(m, k):
 def test_zero_rows_and_leading_dims():
     x = _data(6, 576, seed=9).reshape(2, 3, 576)
     x[1, 2] = 0
-    for kw in (dict(backend="xla"), dict(interpret=True)):
+    for kw in (dict(backend="xla"), dict(**PALLAS)):
         out = quantize_per_token(jnp.asarray(x), with_sum=True, **kw)
         assert out.values.shape == (2, 3, 576) and out.scale.shape == (2, 3)
         assert float(out.scale[1, 2]) == 0 and not np.asarray(out.values[1, 2]).any()
@@ -102,7 +107,7 @@ def test_zero_rows_and_leading_dims():
 def test_bf16_input():
     x = _data(8, 1024, seed=10)
     xb = jnp.asarray(x, jnp.bfloat16)
-    _assert_same(quantize_per_token(xb, backend="xla"), quantize_per_token(xb, interpret=True))
+    _assert_same(quantize_per_token(xb, backend="xla"), quantize_per_token(xb, **PALLAS))
 
 
 def test_bad_shapes():

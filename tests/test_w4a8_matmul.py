@@ -1,4 +1,5 @@
-"""The W4A8 GEMM: Pallas (interpret) vs XLA reference vs an independent NumPy int64 reference."""
+"""The W4A8 GEMM: Pallas (interpret mode on CPU, compiled on a GPU) vs the XLA reference vs an
+independent NumPy int64 reference."""
 
 import dataclasses
 
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TRITON_CALL, lower_for_h100
+from helpers import PALLAS, TRITON_CALL, lower_for_h100, on_gpu
 
 from pallas_kernels import packing
 from pallas_kernels.packing import FormatError, W4Group, W4PerChannel
@@ -84,7 +85,7 @@ def test_int32_accumulators_are_exact(m, k, n, group, variant):
     expected = numpy_accumulators(act.values, w)
     assert np.abs(expected).max() < 2 ** 24  # exactly representable in the float32 output
     assert np.abs(expected).max() > 1000  # and not trivially small
-    for kw in (dict(backend="xla"), dict(interpret=True)):
+    for kw in (dict(backend="xla"), dict(**PALLAS)):
         got = np.asarray(w4a8_matmul(act, w, jnp.float32, **kw)).astype(np.int64)
         np.testing.assert_array_equal(got, expected, err_msg=str(kw))
 
@@ -97,7 +98,7 @@ def test_outputs_match_references(m, k, n, group, variant, out_dtype):
     act = _act(m, k, seed=m + 1)
     ref = numpy_output(act, w)
     xla = np.asarray(w4a8_matmul(act, w, out_dtype, backend="xla"), np.float64)
-    pal = np.asarray(w4a8_matmul(act, w, out_dtype, interpret=True), np.float64)
+    pal = np.asarray(w4a8_matmul(act, w, out_dtype, **PALLAS), np.float64)
     scale = np.abs(ref).max()
     rtol = 1e-5 if out_dtype == jnp.float32 else 2 ** -8
     np.testing.assert_allclose(pal, ref, rtol=rtol, atol=rtol * scale)
@@ -115,17 +116,17 @@ def test_gemm_approximates_the_float_product():
                           (packing.quantize_per_channel(w), True)):
         act = quantize_per_token(jnp.asarray(x), with_sum=with_sum, backend="xla")
         y = np.asarray(w4a8_matmul(act, jax.tree.map(jnp.asarray, fmt), jnp.float32,
-                                   interpret=True))
+                                   **PALLAS))
         rel = np.linalg.norm(y - exact) / np.linalg.norm(exact)
         assert rel < 0.15, (type(fmt).__name__, rel)  # 4-bit weights, 8-bit activations
 
 
 @pytest.mark.parametrize("cfg", sorted({c for _, c in GEMM_CONFIGS}, key=str))
-def test_every_block_config_runs_in_interpret_mode(cfg):
+def test_every_block_config_runs(cfg):
     w = _weights(256, 512, 128, seed=3)
     act = _act(33, 512, seed=4)
     got = w4a8_matmul_pallas(act, w, jnp.float32, config=dataclasses.replace(cfg, block_n=128),
-                             interpret=True)
+                             interpret=PALLAS["interpret"])
     np.testing.assert_allclose(np.asarray(got), numpy_output(act, w), rtol=1e-5, atol=1e-4)
 
 

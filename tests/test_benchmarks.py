@@ -1,0 +1,15 @@
+"""The benchmark scripts still run (tiny shapes, interpret mode): a GPU run must not die on a typo."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gemm_benchmark_smoke():
+    r = subprocess.run([sys.executable, "benchmarks/gemm.py", "--smoke"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 256x512")]
+    assert len(rows) == 2
