@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qoq_jax.kv_cache import PageAllocator, PagedKVCache
+from qoq_jax.kv_cache import KV_CACHE_KINDS, PageAllocator, make_cache
 from qoq_jax.model import Transformer, decode_step, prefill
 from qoq_jax.sampling import SamplingParams, sample
 
@@ -117,8 +117,11 @@ def _decode_chunk(graphdef, params, cache, page_table, st: DecodeState, num_step
 class Engine:
     """Batched generation for one model. Not thread-safe; the server serialises calls."""
 
-    def __init__(self, model: Transformer, *, page_size: int = 16, decode_chunk: int = 16,
-                 min_prompt_bucket: int = 16):
+    def __init__(self, model: Transformer, *, kv_cache: str = "16bit", page_size: int = 16,
+                 decode_chunk: int = 16, min_prompt_bucket: int = 16):
+        if kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, not {kv_cache!r}")
+        self.kv_cache = kv_cache
         self.config = model.config
         self.dtype = model.dtype
         self.graphdef, self.params = nnx.split(model)
@@ -163,8 +166,8 @@ class Engine:
         for i, (p, sp) in enumerate(zip(prompts, params)):
             alloc.ensure(i, len(p) + sp.max_new_tokens)
         page_table = jnp.asarray(alloc.page_table(list(range(n)) + [-1] * (batch - n), max_pages))
-        cache = PagedKVCache.zeros(self.config.num_layers, alloc.num_pages, self.page_size,
-                                   self.config.num_kv_heads, self.config.head_dim, self.dtype)
+        cache = make_cache(self.kv_cache, self.config.num_layers, alloc.num_pages, self.page_size,
+                           self.config.num_kv_heads, self.config.head_dim, self.dtype)
 
         tokens = np.zeros((batch, t_len), np.int32)
         lengths = np.ones((batch,), np.int32)

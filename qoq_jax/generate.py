@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts generated together (default 16)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--kv-cache", choices=["16bit", "kv4"], default="16bit",
+                   help="KV cache format: 16-bit, or QServe's 4-bit KV4 (default 16bit)")
+    p.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: prompt, text, token_ids")
     return p
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
         sampling = qoq_jax.SamplingParams(max_new_tokens=args.max_new_tokens,
                                           temperature=args.temperature, top_k=args.top_k,
                                           top_p=args.top_p)
-        llm = qoq_jax.load(args.model, dtype=args.dtype)
+        llm = qoq_jax.load(args.model, dtype=args.dtype, kv_cache=args.kv_cache,
+                           page_size=args.page_size)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

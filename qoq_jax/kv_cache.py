@@ -1,10 +1,15 @@
-"""The paged KV cache: the device-side page pools and the host-side page allocator.
+"""The paged KV cache: device-side page pools (16-bit or KV4) and the host-side page allocator.
 
-Every layer's K and V live in one pool each, ``[L, num_pages, page_size, Hkv, D]``, so the
-jitted step carries two arrays and updates them in place (the caller donates them). A sequence
+Every layer's K and V live in one pool each (formats in pallas_kernels: ``[L, num_pages, Hkv,
+page_size, D]`` for 16 bits, packed UINT4 codes plus fp16 scale and zero for KV4), so the jitted
+step carries a handful of arrays and updates them in place (the caller donates them). A sequence
 owns a list of pages, given to the kernels as a row of an int32 page table. Page 0 is reserved
 as scratch: writes for padding positions and finished sequences are sent there, so a padded
 batch never touches another sequence's pages.
+
+Both cache classes have the same interface, which is all the model sees:
+``write(layer, k, v, cos, sin, page, slot)`` (k before RoPE) and
+``decode_attention(q, layer, page_table, lengths)``.
 """
 
 from __future__ import annotations
@@ -15,28 +20,97 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.kv4 import kv4_write
+from pallas_kernels.paged_attention import paged_decode_attention
+from qoq_jax.layers import apply_rope
+
 SCRATCH_PAGE = 0
+KV_CACHE_KINDS = ("16bit", "kv4")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PagedKVCache:
-    k: jax.Array  # [L, num_pages, page_size, Hkv, D]
+    """16-bit pools [L, num_pages, Hkv, page_size, D], keys stored after RoPE."""
+
+    k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
               head_dim: int, dtype) -> "PagedKVCache":
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def num_pages(self) -> int:
         return self.k.shape[1]
+
+    def write(self, layer, k, v, cos, sin, page, slot) -> "PagedKVCache":
+        """RoPE the keys, then scatter k/v [B, T, Hkv, D] at (page, slot) [B, T] of `layer`."""
+        k = apply_rope(k, cos, sin)
+        at = (layer, page, slice(None), slot)  # the [B, T] index dims come first
+        return PagedKVCache(self.k.at[at].set(k.astype(self.k.dtype)),
+                            self.v.at[at].set(v.astype(self.v.dtype)))
+
+    def decode_attention(self, q, layer, page_table, lengths):
+        return paged_decode_attention(q, self.k, self.v, layer, page_table, lengths)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKV4Cache:
+    """KV4 pools: codes uint8 [L, N, Hkv, P, D/2], scale/zero fp16 [L, N, Hkv, P] (kv4.py)."""
+
+    k: jax.Array
+    k_scale: jax.Array
+    k_zero: jax.Array
+    v: jax.Array
+    v_scale: jax.Array
+    v_zero: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+              head_dim: int, dtype=None) -> "PagedKV4Cache":
+        del dtype  # the format fixes every dtype
+        codes = (num_layers, num_pages, num_kv_heads, page_size, head_dim // 2)
+        stats = codes[:-1]
+        # six distinct buffers (they are donated; a shared one could not be)
+        return cls(*(f(shape, dtype) for _ in range(2) for f, shape, dtype in (
+            (jnp.zeros, codes, jnp.uint8), (jnp.ones, stats, jnp.float16),
+            (jnp.zeros, stats, jnp.float16))))
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    def _pools(self):
+        return (self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero)
+
+    def write(self, layer, k, v, cos, sin, page, slot) -> "PagedKV4Cache":
+        """Fused RoPE + KV4 quantization + paged write (one kernel on a GPU)."""
+        return PagedKV4Cache(*kv4_write(self._pools(), layer, k, v, cos, sin, page, slot))
+
+    def decode_attention(self, q, layer, page_table, lengths):
+        return paged_decode_attention(q, self.k, self.v, layer, page_table, lengths,
+                                      kv4_scales=(self.k_scale, self.k_zero, self.v_scale,
+                                                  self.v_zero))
+
+
+def make_cache(kind: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+               head_dim: int, dtype):
+    if kind not in KV_CACHE_KINDS:
+        raise ValueError(f"KV cache kind must be one of {KV_CACHE_KINDS}, not {kind!r}")
+    cls = PagedKV4Cache if kind == "kv4" else PagedKVCache
+    return cls.zeros(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
 
 
 def slot_indices(page_table: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -49,15 +123,6 @@ def slot_indices(page_table: jax.Array, positions: jax.Array, valid: jax.Array,
     page = jnp.take_along_axis(page_table, page_col, axis=1)
     page = jnp.where(valid, page, SCRATCH_PAGE)
     return page.astype(jnp.int32), (positions % page_size).astype(jnp.int32)
-
-
-def write_kv(cache: PagedKVCache, layer: jax.Array, k: jax.Array, v: jax.Array,
-             page: jax.Array, slot: jax.Array) -> PagedKVCache:
-    """Scatter new k/v [B, T, Hkv, D] into `layer` of the pools at (page, slot) [B, T]."""
-    return PagedKVCache(
-        cache.k.at[layer, page, slot].set(k.astype(cache.k.dtype)),
-        cache.v.at[layer, page, slot].set(v.astype(cache.v.dtype)),
-    )
 
 
 class OutOfPagesError(RuntimeError):

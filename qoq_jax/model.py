@@ -8,7 +8,9 @@ with ``lax.scan``, so a 30- or 80-layer model compiles as one layer. Two free fu
   and attends over the fresh 16-bit q/k/v (as QServe does), returns the last valid logits.
 - ``decode_step``: one token per sequence; writes its K/V and attends over the cache.
 
-Attention and cache writes go through ``pallas_kernels`` (XLA reference on CPU, Pallas on GPU).
+The cache is a ``PagedKVCache`` (16-bit) or a ``PagedKV4Cache`` (QServe's 4-bit KV); the model
+only calls its ``write`` and ``decode_attention``. Attention and cache writes go through
+``pallas_kernels`` (XLA reference on CPU, Pallas on GPU).
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.paged_attention import paged_decode_attention
 from pallas_kernels.prefill_attention import prefill_attention
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.hf import CheckpointError
-from qoq_jax.kv_cache import PagedKVCache, slot_indices, write_kv
+from qoq_jax.kv_cache import slot_indices
 from qoq_jax.layers import (Embedding, LinearFactory, RMSNorm, apply_rope, make_linear,
                             rope_cos_sin)
 
@@ -77,16 +78,16 @@ class Transformer(nnx.Module):
 
 def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, layer_idx,
                    page, slot, attend):
-    """One decoder layer. `attend(q, k, v, cache, layer_idx)` is prefill or decode attention."""
+    """One decoder layer. `attend(q_rot, k, v, cache, layer_idx, cos, sin)` is prefill or decode
+    attention (k before RoPE: prefill ropes it for the fresh-k/v attention, decode reads the cache)."""
     b, t, _ = x.shape
     attn = layer.self_attn
     h = layer.input_layernorm(x)
     q = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache = write_kv(cache, layer_idx, k, v, page, slot)
-    o = attend(q, k, v, cache, layer_idx)
+    cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
+    o = attend(apply_rope(q, cos, sin), k, v, cache, layer_idx, cos, sin)
     x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, cache
@@ -108,7 +109,7 @@ def _run_layers(model: Transformer, x, positions, valid, cache, page_table, atte
     return x, cache
 
 
-def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: PagedKVCache,
+def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
             page_table: jax.Array, *, all_logits: bool = False):
     """A right-padded batch of prompts tokens [B, T] with lengths [B].
 
@@ -119,8 +120,8 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: Pa
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < lengths[:, None]
 
-    def attend(q, k, v, cache, layer_idx):
-        return prefill_attention(q, k, v, lengths)
+    def attend(q, k, v, cache, layer_idx, cos, sin):
+        return prefill_attention(q, apply_rope(k, cos, sin), v, lengths)
 
     x = model.embed_tokens(tokens)
     h, cache = _run_layers(model, x, positions, valid, cache, page_table, attend)
@@ -130,16 +131,14 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache: Pa
 
 
 def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, active: jax.Array,
-                cache: PagedKVCache, page_table: jax.Array):
+                cache, page_table: jax.Array):
     """One new token per sequence: tokens, positions, active [B] -> (logits [B, V], cache).
 
     The token at `positions[b]` is written to the cache and attends over positions 0..pos.
     Inactive sequences (finished, or padding of the batch) write to the scratch page.
     """
-    def attend(q, k, v, cache, layer_idx):
-        o = paged_decode_attention(q[:, 0], cache.k, cache.v, layer_idx, page_table,
-                                   positions + 1)
-        return o[:, None]
+    def attend(q, k, v, cache, layer_idx, cos, sin):
+        return cache.decode_attention(q[:, 0], layer_idx, page_table, positions + 1)[:, None]
 
     x = model.embed_tokens(tokens[:, None])
     h, cache = _run_layers(model, x, positions[:, None], active[:, None], cache, page_table, attend)

@@ -145,5 +145,5 @@ def test_inactive_rows_do_not_touch_the_cache(model):
     _, cache = decode_step(model, jnp.asarray([5, 6]), jnp.asarray([3, 3]),
                            jnp.asarray([True, False]), cache, table)
     k = np.asarray(cache.k)
-    assert np.abs(k[:, 1, 3]).sum() > 0  # the active row wrote its slot
+    assert np.abs(k[:, 1, :, 3]).sum() > 0  # the active row wrote its slot (pools: L, N, H, P, D)
     assert np.abs(k[:, 3:]).sum() == 0  # the inactive row's pages are untouched

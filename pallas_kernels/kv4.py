@@ -1,0 +1,152 @@
+"""KV4: 4-bit keys and values in a paged cache, and the fused RoPE + quantize + paged write.
+
+Format (docs/FORMATS.md; QServe section 1.6 of qserve_spec.md): per (token, KV head), over the
+head's D channels, asymmetric UINT4 with a 16-bit scale and a 16-bit (non-integer) zero:
+    scale = fp16((max - min) / 15)            (1 when max == min)
+    zero  = fp16(-min / scale)                (= -15 min / (max - min), in code units)
+    q     = clamp(round_half_even(x / scale + zero), 0, 15)
+    x_hat = (q - zero) * scale
+Keys are quantized after RoPE. Pools, one per model for each of K and V (all layers):
+    codes  uint8   [L, num_pages, Hkv, page_size, D/2]   byte d: channel d (low nibble) and
+                                                         channel d + D/2 (high nibble)
+    scale  float16 [L, num_pages, Hkv, page_size]
+    zero   float16 [L, num_pages, Hkv, page_size]
+Pairing channel d with d + D/2 matches rotate-half RoPE (which mixes exactly those two halves)
+and lets a kernel work on the two halves as separate [.., D/2] tiles: no interleaving, no
+concatenation. A (page, head) tile is contiguous: page_size * D/2 bytes.
+
+``kv4_write`` applies RoPE to the new keys (cos/sin precomputed, so any rope scaling works),
+quantizes keys and values, and writes them at (page, slot) of layer ``layer``, in place (the
+pools are aliased to the outputs). Positions that must not be stored (padding, finished
+sequences) are given the scratch page 0 by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels._common import round_half_even, use_pallas
+
+
+def _scale_zero(mx: jax.Array, mn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fp16 scale and zero from a row's max/min (float32), degenerate rows included."""
+    rng = mx - mn
+    scale = jnp.where(rng > 0, rng / 15.0, 1.0).astype(jnp.float16)
+    zero = (-mn / scale.astype(jnp.float32)).astype(jnp.float16)
+    return scale, zero
+
+
+def _codes(x: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+    """float32 x, fp16 scale/zero (broadcastable) -> float32 codes 0..15."""
+    inv = 1.0 / scale.astype(jnp.float32)
+    return jnp.clip(round_half_even(x * inv + zero.astype(jnp.float32)), 0.0, 15.0)
+
+
+def quantize_kv4(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [..., D] float -> (codes uint8 [..., D/2], scale fp16 [...], zero fp16 [...])."""
+    x = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    scale, zero = _scale_zero(x.max(axis=-1), x.min(axis=-1))
+    q = _codes(x, scale[..., None], zero[..., None]).astype(jnp.uint8)
+    return q[..., :half] | (q[..., half:] << 4), scale, zero
+
+
+def dequantize_kv4(codes: jax.Array, scale: jax.Array, zero: jax.Array,
+                   dtype=jnp.float32) -> jax.Array:
+    """The inverse: codes [..., D/2], scale/zero [...] -> x_hat [..., D]."""
+    q = jnp.concatenate([codes & 0xF, codes >> 4], axis=-1).astype(jnp.float32)
+    s = scale.astype(jnp.float32)[..., None]
+    return ((q - zero.astype(jnp.float32)[..., None]) * s).astype(dtype)
+
+
+def rope_halves(lo, hi, cos, sin):
+    """Rotate-half RoPE on the two halves of a head: (lo, hi) -> (lo c - hi s, hi c + lo s)."""
+    return lo * cos - hi * sin, hi * cos + lo * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA reference
+
+
+def kv4_write_xla(pools, layer, k, v, cos, sin, page, slot):
+    """pools = (kq, ks, kz, vq, vs, vz); k/v [B, T, Hkv, D] (k before RoPE); cos/sin [B, T, D/2];
+    page/slot [B, T] int32; layer: int32 scalar. Returns the updated pools."""
+    kq, ks, kz, vq, vs, vz = pools
+    half = k.shape[-1] // 2
+    kf = k.astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    lo, hi = rope_halves(kf[..., :half], kf[..., half:], c, s)
+    k_codes, k_scale, k_zero = quantize_kv4(jnp.concatenate([lo, hi], axis=-1))
+    v_codes, v_scale, v_zero = quantize_kv4(v)
+    # (layer, page, :, slot) indexing puts the [B, T] dims first: values are [B, T, Hkv, ...].
+    at = (layer, page, slice(None), slot)
+    return (kq.at[at].set(k_codes), ks.at[at].set(k_scale), kz.at[at].set(k_zero),
+            vq.at[at].set(v_codes), vs.at[at].set(v_scale), vz.at[at].set(v_zero))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas kernel: one (token, KV head) per program
+
+
+def _write_kernel(k_ref, v_ref, cos_ref, sin_ref, page_ref, slot_ref, layer_ref,
+                  kq_in, ks_in, kz_in, vq_in, vs_in, vz_in,
+                  kq_ref, ks_ref, kz_ref, vq_ref, vs_ref, vz_ref, *, half: int):
+    del kq_in, ks_in, kz_in, vq_in, vs_in, vz_in  # aliased to the outputs
+    h = pl.program_id(1)
+    page, slot, layer = page_ref[0], slot_ref[0], layer_ref[0]
+    lo = k_ref[pl.ds(0, half)].astype(jnp.float32)
+    hi = k_ref[pl.ds(half, half)].astype(jnp.float32)
+    lo, hi = rope_halves(lo, hi, cos_ref[...], sin_ref[...])
+
+    def put(lo, hi, q_ref, s_ref, z_ref):
+        scale, zero = _scale_zero(jnp.maximum(lo.max(), hi.max()), jnp.minimum(lo.min(), hi.min()))
+        q_lo = _codes(lo, scale, zero).astype(jnp.int32)
+        q_hi = _codes(hi, scale, zero).astype(jnp.int32)
+        q_ref[layer, page, h, slot, :] = (q_lo | (q_hi << 4)).astype(jnp.uint8)
+        s_ref[layer, page, h, slot] = scale
+        z_ref[layer, page, h, slot] = zero
+
+    put(lo, hi, kq_ref, ks_ref, kz_ref)
+    put(v_ref[pl.ds(0, half)].astype(jnp.float32), v_ref[pl.ds(half, half)].astype(jnp.float32),
+        vq_ref, vs_ref, vz_ref)
+
+
+def kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, *, interpret: bool = False):
+    b, t, hkv, d = k.shape
+    half = d // 2
+    n = b * t
+    token = lambda i, h: (i, h, 0)  # noqa: E731
+    scalar = pl.BlockSpec((1,), lambda i, h: (i,))
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    kernel = functools.partial(_write_kernel, half=half)
+    return tuple(pl.pallas_call(
+        kernel,
+        grid=(n, hkv),
+        in_specs=[pl.BlockSpec((None, None, d), token), pl.BlockSpec((None, None, d), token),
+                  pl.BlockSpec((None, half), lambda i, h: (i, 0)),
+                  pl.BlockSpec((None, half), lambda i, h: (i, 0)),
+                  scalar, scalar, pl.BlockSpec((1,), lambda i, h: (0,))] + [whole] * 6,
+        out_specs=[whole] * 6,
+        out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype) for p in pools],
+        input_output_aliases={7 + i: i for i in range(6)},
+        compiler_params=plt.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret,
+        name="rope_kv4_write",
+    )(k.reshape(n, hkv, d), v.reshape(n, hkv, d), cos.reshape(n, half).astype(jnp.float32),
+      sin.reshape(n, half).astype(jnp.float32), page.reshape(n).astype(jnp.int32),
+      slot.reshape(n).astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32), *pools))
+
+
+def kv4_write(pools, layer, k, v, cos, sin, page, slot, *, backend: str = "auto",
+              interpret: bool = False):
+    """Fused RoPE(k) + KV4 quantization of k and v + paged write (see the module docstring)."""
+    if k.shape != v.shape or k.shape[-1] % 2:
+        raise ValueError(f"k {k.shape} and v {v.shape} must match, with an even head_dim")
+    if use_pallas(backend, interpret):
+        return kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, interpret=interpret)
+    return kv4_write_xla(pools, layer, k, v, cos, sin, page, slot)
