@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -22,8 +24,29 @@ def round_half_even(v: jax.Array) -> jax.Array:
     return jnp.where(up, f + 1.0, f)
 
 
+_auto_override: list[str] = []
+
+
+@contextlib.contextmanager
+def default_backend(backend: str):
+    """Within the block, backend="auto" means `backend` ("pallas" or "xla").
+
+    Lets a whole model be traced with the Pallas kernels on a machine without a GPU (to lower it
+    for CUDA), or with the XLA references on a GPU (to compare).
+    """
+    if backend not in ("pallas", "xla"):
+        raise ValueError(f"default backend must be 'pallas' or 'xla', not {backend!r}")
+    _auto_override.append(backend)
+    try:
+        yield
+    finally:
+        _auto_override.pop()
+
+
 def use_pallas(backend: str, interpret: bool) -> bool:
     """auto = Pallas on a GPU, XLA elsewhere; interpret=True runs the Pallas kernel on CPU."""
+    if backend == "auto" and _auto_override:
+        backend = _auto_override[-1]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if interpret:

@@ -13,3 +13,10 @@ def test_gemm_benchmark_smoke():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| 256x512")]
     assert len(rows) == 2
+
+
+def test_attention_benchmark_smoke():
+    r = subprocess.run([sys.executable, "benchmarks/attention.py", "--smoke"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(ln.startswith("| 128 |") for ln in r.stdout.splitlines())

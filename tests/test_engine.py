@@ -147,3 +147,38 @@ def test_inactive_rows_do_not_touch_the_cache(model):
     k = np.asarray(cache.k)
     assert np.abs(k[:, 1, :, 3]).sum() > 0  # the active row wrote its slot (pools: L, N, H, P, D)
     assert np.abs(k[:, 3:]).sum() == 0  # the inactive row's pages are untouched
+
+
+def test_kv4_batch_equals_each_alone(model):
+    eng = Engine(model, kv_cache="kv4", page_size=8, decode_chunk=4)
+    prompts = _prompts(4, seed=11)
+    params = SamplingParams(max_new_tokens=9, stop_token_ids=())
+    batched = eng.generate(prompts, params)
+    for p, b in zip(prompts, batched):
+        assert b.tokens == eng.generate([p], params)[0].tokens
+
+
+def test_bad_kv_cache_kind(model):
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        Engine(model, kv_cache="int8")
+
+
+@pytest.mark.parametrize("kind", ["16bit", "kv4"])
+def test_whole_model_lowers_for_h100_with_pallas_kernels(model, kind):
+    """prefill and decode_step, the Flax model and every kernel in one program, lowered for CUDA."""
+    from helpers import TRITON_CALL, lower_for_h100
+
+    from pallas_kernels._common import default_backend
+    from qoq_jax.kv_cache import make_cache
+
+    cfg = model.config
+    cache = make_cache(kind, cfg.num_layers, 9, 16, cfg.num_kv_heads, cfg.head_dim, jnp.bfloat16)
+    table = jnp.zeros((2, 4), jnp.int32)
+    with default_backend("pallas"):
+        pre = lower_for_h100(lambda m, t, n, c, p: prefill(m, t, n, c, p), model,
+                             jnp.zeros((2, 64), jnp.int32), jnp.ones((2,), jnp.int32), cache, table)
+        dec = lower_for_h100(lambda m, t, pos, a, c, p: decode_step(m, t, pos, a, c, p), model,
+                             jnp.zeros((2,), jnp.int32), jnp.ones((2,), jnp.int32),
+                             jnp.ones((2,), bool), cache, table)
+    assert pre.count(TRITON_CALL) >= 1 + (kind == "kv4")  # prefill attention (+ the KV4 write)
+    assert dec.count(TRITON_CALL) >= 1 + (kind == "kv4")  # decode attention (+ the KV4 write)
