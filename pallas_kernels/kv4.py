@@ -69,6 +69,23 @@ def rope_halves(lo, hi, cos, sin):
     return lo * cos - hi * sin, hi * cos + lo * sin
 
 
+def _rope_f32(k, cos, sin):
+    """k [B, T, H, D] before RoPE, cos/sin [B, T, D/2] -> roped k in float32."""
+    half = k.shape[-1] // 2
+    kf = k.astype(jnp.float32)
+    lo, hi = rope_halves(kf[..., :half], kf[..., half:], cos[:, :, None, :], sin[:, :, None, :])
+    return jnp.concatenate([lo, hi], axis=-1)
+
+
+def kv4_roundtrip(k, v, cos, sin, dtype):
+    """What the KV4 cache holds for these tokens, dequantized: (k_hat, v_hat) [B, T, H, D].
+
+    The same quantization as the write, so attention over these equals attention over the
+    cache; perplexity uses it to run prefill through the real KV4 numerics."""
+    k_hat = dequantize_kv4(*quantize_kv4(_rope_f32(k, cos, sin)), dtype)
+    return k_hat, dequantize_kv4(*quantize_kv4(v), dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # XLA reference
 
@@ -77,11 +94,7 @@ def kv4_write_xla(pools, layer, k, v, cos, sin, page, slot):
     """pools = (kq, ks, kz, vq, vs, vz); k/v [B, T, Hkv, D] (k before RoPE); cos/sin [B, T, D/2];
     page/slot [B, T] int32; layer: int32 scalar. Returns the updated pools."""
     kq, ks, kz, vq, vs, vz = pools
-    half = k.shape[-1] // 2
-    kf = k.astype(jnp.float32)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    lo, hi = rope_halves(kf[..., :half], kf[..., half:], c, s)
-    k_codes, k_scale, k_zero = quantize_kv4(jnp.concatenate([lo, hi], axis=-1))
+    k_codes, k_scale, k_zero = quantize_kv4(_rope_f32(k, cos, sin))
     v_codes, v_scale, v_zero = quantize_kv4(v)
     # (layer, page, :, slot) indexing puts the [B, T] dims first: values are [B, T, Hkv, ...].
     at = (layer, page, slice(None), slot)

@@ -8,8 +8,9 @@ as scratch: writes for padding positions and finished sequences are sent there, 
 batch never touches another sequence's pages.
 
 Both cache classes have the same interface, which is all the model sees:
-``write(layer, k, v, cos, sin, page, slot)`` (k before RoPE) and
-``decode_attention(q, layer, page_table, lengths)``.
+``write(layer, k, v, cos, sin, page, slot)`` (k before RoPE),
+``decode_attention(q, layer, page_table, lengths)``, and ``stored_kv(k, v, cos, sin)`` (what the
+cache holds for new tokens, for a prefill that must see the cache's numerics).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.kv4 import kv4_write
+from pallas_kernels.kv4 import kv4_roundtrip, kv4_write
 from pallas_kernels.paged_attention import paged_decode_attention
 from qoq_jax.layers import apply_rope
 
@@ -59,6 +60,10 @@ class PagedKVCache:
 
     def decode_attention(self, q, layer, page_table, lengths):
         return paged_decode_attention(q, self.k, self.v, layer, page_table, lengths)
+
+    def stored_kv(self, k, v, cos, sin):
+        """(k, v) as this cache stores them (k before RoPE in; roped, in the cache dtype out)."""
+        return apply_rope(k, cos, sin).astype(self.k.dtype), v.astype(self.v.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -103,6 +108,10 @@ class PagedKV4Cache:
         return paged_decode_attention(q, self.k, self.v, layer, page_table, lengths,
                                       kv4_scales=(self.k_scale, self.k_zero, self.v_scale,
                                                   self.v_zero))
+
+    def stored_kv(self, k, v, cos, sin):
+        """(k, v) as this cache stores them: roped, quantized to KV4 and dequantized."""
+        return kv4_roundtrip(k, v, cos, sin, k.dtype)
 
 
 def make_cache(kind: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,

@@ -15,6 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.packing import W4Group, W4PerChannel, group_size_for
+from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rmsnorm_quantize,
+                                     silu_mul_quantize)
+from pallas_kernels.w4a8_matmul import w4a8_matmul
+
 
 class Linear(nnx.Module):
     """y = x Wᵀ (+ b), W [out, in], computed in the weight dtype with fp32 accumulation."""
@@ -31,6 +36,72 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(w.dtype)
+
+
+class QuantParam(nnx.Variable):
+    """Packed quantized weights and their scales: loaded and saved, never trained."""
+
+
+class W4A8Linear(nnx.Module):
+    """QServe's W4A8 linear: INT8 per-token activations x packed UINT4 weights (QoQ formats).
+
+    group_size -1: per-channel; 128 or 64: progressive groups (128 falls back to 64 where K is
+    not a multiple of 128). Takes a float input (quantized here) or a QuantizedActivation made
+    by a fused kernel (RMSNorm or SiLU*up + quantization, see norm_input / swiglu_input).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype,
+                 group_size: int = 128):
+        n, k = out_features, in_features
+        self.in_features, self.out_features, self.dtype = k, n, dtype
+        self.group_size = -1 if group_size == -1 else group_size_for(k, group_size)
+        self.qweight = QuantParam(jnp.zeros((n, k // 2), jnp.uint8))
+        if self.group_size == -1:
+            self.scale = QuantParam(jnp.zeros((n,), jnp.float16))
+            self.szero = QuantParam(jnp.zeros((n,), jnp.float16))
+        else:
+            g = k // self.group_size
+            self.s1 = QuantParam(jnp.zeros((n,), jnp.float16))
+            self.s2 = QuantParam(jnp.ones((g, n), jnp.int8))
+            self.szero = QuantParam(jnp.zeros((g, n), jnp.uint8))
+        self.bias = nnx.Param(jnp.zeros((n,), dtype)) if bias else None
+
+    @property
+    def needs_row_sum(self) -> bool:
+        return self.group_size == -1
+
+    def weight_format(self) -> W4PerChannel | W4Group:
+        if self.group_size == -1:
+            return W4PerChannel(self.qweight[...], self.scale[...], self.szero[...])
+        return W4Group(self.qweight[...], self.s1[...], self.s2[...], self.szero[...],
+                       self.group_size)
+
+    def __call__(self, x) -> jax.Array:
+        act = x if isinstance(x, QuantizedActivation) else quantize_per_token(
+            x, with_sum=self.needs_row_sum)
+        lead = act.values.shape[:-1]
+        flat = QuantizedActivation(
+            act.values.reshape(-1, self.in_features), act.scale.reshape(-1),
+            None if act.row_sum is None else act.row_sum.reshape(-1))
+        y = w4a8_matmul(flat, self.weight_format(), jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype).reshape(*lead, self.out_features)
+
+
+def norm_input(norm: "RMSNorm", x: jax.Array, consumer: nnx.Module):
+    """The normalised input of `consumer`: a float array, or for a W4A8 consumer the INT8
+    activation straight from the fused RMSNorm + quantization kernel."""
+    if isinstance(consumer, W4A8Linear):
+        return rmsnorm_quantize(x, norm.weight[...], norm.eps, with_sum=consumer.needs_row_sum)
+    return norm(x)
+
+
+def swiglu_input(gate: jax.Array, up: jax.Array, consumer: nnx.Module):
+    """SiLU(gate) * up for `consumer` (down_proj), fused with its quantization when W4A8."""
+    if isinstance(consumer, W4A8Linear):
+        return silu_mul_quantize(gate, up, with_sum=consumer.needs_row_sum)
+    return jax.nn.silu(gate) * up
 
 
 LinearFactory = Callable[..., nnx.Module]

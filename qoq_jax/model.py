@@ -26,8 +26,8 @@ from pallas_kernels.prefill_attention import prefill_attention
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.hf import CheckpointError
 from qoq_jax.kv_cache import slot_indices
-from qoq_jax.layers import (Embedding, LinearFactory, RMSNorm, apply_rope, make_linear,
-                            rope_cos_sin)
+from qoq_jax.layers import (Embedding, LinearFactory, QuantParam, RMSNorm, apply_rope,
+                            make_linear, norm_input, rope_cos_sin, swiglu_input)
 
 
 class Attention(nnx.Module):
@@ -46,8 +46,8 @@ class MLP(nnx.Module):
         self.up_proj = make_linear(d, f, bias=cfg.mlp_bias, dtype=dtype, factory=linear)
         self.down_proj = make_linear(f, d, bias=cfg.mlp_bias, dtype=dtype, factory=linear)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, h) -> jax.Array:
+        return self.down_proj(swiglu_input(self.gate_proj(h), self.up_proj(h), self.down_proj))
 
 
 class DecoderLayer(nnx.Module):
@@ -82,14 +82,14 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
     attention (k before RoPE: prefill ropes it for the fresh-k/v attention, decode reads the cache)."""
     b, t, _ = x.shape
     attn = layer.self_attn
-    h = layer.input_layernorm(x)
+    h = norm_input(layer.input_layernorm, x, attn.q_proj)  # float, or INT8 for W4A8 layers
     q = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
     o = attend(apply_rope(q, cos, sin), k, v, cache, layer_idx, cos, sin)
     x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim))
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = x + layer.mlp(norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj))
     return x, cache
 
 
@@ -110,17 +110,23 @@ def _run_layers(model: Transformer, x, positions, valid, cache, page_table, atte
 
 
 def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
-            page_table: jax.Array, *, all_logits: bool = False):
+            page_table: jax.Array, *, all_logits: bool = False, attend_stored_kv: bool = False):
     """A right-padded batch of prompts tokens [B, T] with lengths [B].
 
     Returns (logits, cache): logits [B, V] at each prompt's last token, or [B, T, V] with
     all_logits. Positions past a prompt's length write to the scratch page only.
+    Attention runs over the fresh 16-bit k/v (as QServe's prefill), or with attend_stored_kv
+    over k/v exactly as the cache stores them (KV4: quantized), which is how perplexity
+    measures the KV4 cache's effect.
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     valid = positions < lengths[:, None]
 
     def attend(q, k, v, cache, layer_idx, cos, sin):
+        if attend_stored_kv:
+            k_att, v_att = cache.stored_kv(k, v, cos, sin)
+            return prefill_attention(q, k_att.astype(q.dtype), v_att.astype(q.dtype), lengths)
         return prefill_attention(q, apply_rope(k, cos, sin), v, lengths)
 
     x = model.embed_tokens(tokens)
@@ -150,7 +156,10 @@ def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, act
 
 
 def hf_name(path: tuple, layer: int | None = None) -> str:
-    """NNX parameter path -> Hugging Face tensor name (the modules mirror HF's names)."""
+    """NNX parameter path -> Hugging Face tensor name (the modules mirror HF's names).
+
+    Quantized layers extend the scheme: model.layers.3.mlp.up_proj.{qweight,s1,s2,szero,...}.
+    """
     parts = [str(p) for p in path]
     if parts[0] == "layers":
         return f"model.layers.{layer}." + ".".join(parts[1:])
@@ -161,29 +170,39 @@ def hf_name(path: tuple, layer: int | None = None) -> str:
 
 def from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype=jnp.float32,
                     linear: LinearFactory | None = None) -> Transformer:
-    """Build the model from HF-named tensors, checking every name and shape."""
+    """Build the model from HF-named tensors, checking every name and shape.
+
+    With a quantized `linear` factory, `weights` also holds the packed formats under the
+    extended names (see hf_name); those are taken bit for bit, never cast.
+    """
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear))
     graphdef, state = nnx.split(abstract)
     flat = []
     for path, var in nnx.to_flat_state(state):
-        if not isinstance(var, nnx.Param):
+        if not isinstance(var, (nnx.Param, QuantParam)):
             flat.append((path, var))
             continue
+        exact = isinstance(var, QuantParam)
         shape = tuple(var.shape)
         if path[0] == "layers":
-            parts = [_get(weights, hf_name(path, i), shape[1:]) for i in range(cfg.num_layers)]
+            parts = [_get(weights, hf_name(path, i), shape[1:], var.dtype, exact)
+                     for i in range(cfg.num_layers)]
             value = np.stack(parts)
         else:
-            value = _get(weights, hf_name(path), shape)
+            value = _get(weights, hf_name(path), shape, var.dtype, exact)
         flat.append((path, var.replace(value=jnp.asarray(value, dtype=var.dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _get(weights: Mapping[str, np.ndarray], name: str, shape: tuple) -> np.ndarray:
+def _get(weights: Mapping[str, np.ndarray], name: str, shape: tuple, dtype, exact: bool):
     if name not in weights:
         raise CheckpointError(f"checkpoint has no tensor {name!r}")
     w = weights[name]
     if tuple(w.shape) != tuple(shape):
         raise CheckpointError(
             f"tensor {name!r} has shape {tuple(w.shape)}, but the config implies {tuple(shape)}")
+    if exact:
+        if np.dtype(w.dtype) != np.dtype(dtype):
+            raise CheckpointError(f"tensor {name!r} is {w.dtype}, the format needs {dtype}")
+        return w
     return np.asarray(w, dtype=np.float32) if w.dtype != np.float32 else w

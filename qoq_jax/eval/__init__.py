@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on real text (python -m qoq_jax.eval.perplexity)."""
