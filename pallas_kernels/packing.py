@@ -124,20 +124,38 @@ def unpack_uint4(packed: np.ndarray) -> np.ndarray:
 # Quantization (round-to-nearest; the QoQ pipeline passes its own clipped ranges)
 
 
-def quantize_per_channel(w: np.ndarray, lo: np.ndarray | None = None,
-                         hi: np.ndarray | None = None) -> W4PerChannel:
-    """W [N, K] float -> W4PerChannel. lo/hi [N]: the range to cover (default: min/max of W)."""
+def per_channel_params(w: np.ndarray, lo: np.ndarray | None = None,
+                       hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale fp16 [N], integer zero float32 [N]) covering [lo, hi] per row (default min/max)."""
     w = np.asarray(w, np.float32)
-    n, k = w.shape
-    check_shape(n, k)
     lo = np.minimum(w.min(axis=1) if lo is None else np.asarray(lo, np.float32), 0.0)
     hi = np.maximum(w.max(axis=1) if hi is None else np.asarray(hi, np.float32), 0.0)
     s = ((hi - lo) / 15.0).astype(np.float16)
     s = np.where(s == 0, np.float16(1.0), s)  # an all-zero row
-    sf = s.astype(np.float32)
-    z = np.clip(np.rint(-lo / sf), 0, 15)
-    q = np.clip(np.rint(w / sf[:, None]) + z[:, None], 0, 15)
-    return W4PerChannel(pack_uint4(q), s, (z * sf).astype(np.float16))
+    z = np.clip(np.rint(-lo / s.astype(np.float32)), 0, 15).astype(np.float32)
+    return s, z
+
+
+def per_channel_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Round-to-nearest codes of w [N, K] (or one column [N]) for given row scales and zeros."""
+    w = np.asarray(w, np.float32)
+    s, z = scale.astype(np.float32), zero
+    if w.ndim == 2:
+        s, z = s[:, None], z[:, None]
+    return np.clip(np.rint(w / s) + z, 0, 15)
+
+
+def per_channel_format(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> W4PerChannel:
+    return W4PerChannel(pack_uint4(q), scale, (zero * scale.astype(np.float32)).astype(np.float16))
+
+
+def quantize_per_channel(w: np.ndarray, lo: np.ndarray | None = None,
+                         hi: np.ndarray | None = None) -> W4PerChannel:
+    """W [N, K] float -> W4PerChannel. lo/hi [N]: the range to cover (default: min/max of W)."""
+    w = np.asarray(w, np.float32)
+    check_shape(*w.shape)
+    s, z = per_channel_params(w, lo, hi)
+    return per_channel_format(per_channel_codes(w, s, z), s, z)
 
 
 def progressive_level1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,12 +167,10 @@ def progressive_level1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s1, w1
 
 
-def quantize_group(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None = None,
-                   hi: np.ndarray | None = None) -> W4Group:
-    """W [N, K] float -> W4Group (progressive). lo/hi [N, K/g]: per-group ranges in W's units.
-
-    group_size 128 falls back to 64 where K is not a multiple of 128 (see group_size_for).
-    """
+def group_params(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None = None,
+                 hi: np.ndarray | None = None):
+    """Progressive parameters of W [N, K]: (s1 fp16 [N], w1 float32 [N, K], s2 [N, K/g] and
+    zero [N, K/g] as float32 integers, g). lo/hi [N, K/g]: per-group ranges in W's units."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
     check_shape(n, k)
@@ -166,13 +182,36 @@ def quantize_group(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None =
     ghi = w1g.max(axis=2) if hi is None else np.asarray(hi, np.float32) / s1f
     glo = np.clip(np.minimum(glo, 0.0), -PROTECTIVE_RANGE, 0.0)
     ghi = np.clip(np.maximum(ghi, 0.0), 0.0, PROTECTIVE_RANGE)
-    s2 = np.clip(np.rint((ghi - glo) / 15.0), 1, 127)
-    z = np.clip(np.rint(-glo / s2), 0, 15)
-    q = np.clip(np.rint(w1g / s2[..., None]) + z[..., None], 0, 15).reshape(n, k)
+    s2 = np.clip(np.rint((ghi - glo) / 15.0), 1, 127).astype(np.float32)
+    z = np.clip(np.rint(-glo / s2), 0, 15).astype(np.float32)
+    return s1, w1, s2, z, g
+
+
+def group_codes(w1: np.ndarray, s2: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Codes of level-1 values w1 (same shape as s2 and z, one entry per weight)."""
+    return np.clip(np.rint(w1 / s2) + z, 0, 15)
+
+
+def group_format(q: np.ndarray, s1: np.ndarray, s2: np.ndarray, z: np.ndarray,
+                 g: int) -> W4Group:
+    """Assemble W4Group from codes [N, K], s1 [N], integer s2 and z [N, K/g]."""
+    n, k = q.shape
     w8 = (q.reshape(n, k // g, g) - z[..., None]) * s2[..., None]
     if np.abs(w8).max(initial=0) > 127:  # cannot happen with P = 119; a guard on the format
         raise FormatError("progressive quantization left the INT8 range")
     return W4Group(pack_uint4(q), s1, s2.T.astype(np.int8), (z * s2).T.astype(np.uint8), g)
+
+
+def quantize_group(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None = None,
+                   hi: np.ndarray | None = None) -> W4Group:
+    """W [N, K] float -> W4Group (progressive). lo/hi [N, K/g]: per-group ranges in W's units.
+
+    group_size 128 falls back to 64 where K is not a multiple of 128 (see group_size_for).
+    """
+    s1, w1, s2, z, g = group_params(w, group_size, lo, hi)
+    n, k = w1.shape
+    q = group_codes(w1, np.repeat(s2, g, axis=1), np.repeat(z, g, axis=1))
+    return group_format(q, s1, s2, z, g)
 
 
 def codes(fmt: W4PerChannel | W4Group) -> np.ndarray:

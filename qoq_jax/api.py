@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,36 +81,40 @@ class LLM:
                           r.tokens, r.finish_reason)
 
 
-def load(path: str | os.PathLike | None = None, *, dtype=None, **engine_kwargs) -> LLM:
-    """Load a model: None (the default model), an HF checkpoint directory, or a .gguf file."""
-    from qoq_jax.hf import SafetensorsCheckpoint, load_tokenizer
-    from qoq_jax.model import from_hf_weights
+def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
+         **engine_kwargs) -> LLM:
+    """Load a model for generation.
+
+    path: None (the embedded default model), a Hugging Face checkpoint directory, a .gguf file,
+    or a quantized checkpoint written by convert_hf_checkpoint (then it runs W4A8 with a KV4
+    cache). quantize: a QuantConfig (or "qoq" / "rtn") to quantize a float model on the fly.
+    Engine keywords (kv_cache="16bit" | "kv4", page_size, ...) pass through.
+    """
+    from qoq_jax import checkpoint
+    from qoq_jax.convert import load_source, quantize as run_quantize
+    from qoq_jax.hf import load_tokenizer
+    from qoq_jax.quant.config import QuantConfig
 
     dtype = resolve_dtype(dtype)
-    if path is None:
-        from qoq_jax.assets import default_model_dir
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"no model at {p}")
+        if not p.is_dir() and p.suffix != ".gguf":
+            raise ValueError(f"{p} is neither a model directory nor a .gguf file")
+        if checkpoint.is_quantized_checkpoint(p):
+            if quantize is not None:
+                raise ValueError(f"{p} is already quantized")
+            model, qcfg = checkpoint.load_model(p, dtype)
+            engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
+            return LLM(model, load_tokenizer(p), source=str(p), **engine_kwargs)
+    cfg, weights, tokenizer, source = load_source(None if path is None else str(path))
+    if quantize is None:
+        from qoq_jax.model import from_hf_weights
 
-        path = default_model_dir()
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, **engine_kwargs)
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
-    if not path.is_dir():
-        raise ValueError(f"{path} is neither a model directory nor a .gguf file")
-    cfg = ModelConfig.from_json(path)
-    model = from_hf_weights(cfg, SafetensorsCheckpoint(path), dtype)
-    return LLM(model, load_tokenizer(path), source=str(path), **engine_kwargs)
-
-
-def _load_gguf(path: Path, dtype, **engine_kwargs) -> LLM:
-    from qoq_jax.gguf import build_tokenizer_files, read_gguf
-    from qoq_jax.hf import load_tokenizer
-    from qoq_jax.model import from_hf_weights
-
-    cfg, _, weights, tok_meta = read_gguf(path)
-    model = from_hf_weights(cfg, weights, dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        build_tokenizer_files(tok_meta, Path(tmp))
-        tokenizer = load_tokenizer(tmp)
-    return LLM(model, tokenizer, source=str(path), **engine_kwargs)
+        return LLM(from_hf_weights(cfg, weights, dtype), tokenizer, source=source,
+                   **engine_kwargs)
+    qcfg = QuantConfig(method=quantize) if isinstance(quantize, str) else quantize
+    model, qcfg = run_quantize(cfg, weights, tokenizer, qcfg, dtype=dtype)
+    engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
+    return LLM(model, tokenizer, source=f"{source} ({qcfg.method} on the fly)", **engine_kwargs)

@@ -135,3 +135,78 @@ def on_gpu() -> bool:
 # The shared kernel-test switch: on CPU the Pallas kernels run in interpret mode; on a GPU
 # (benchmarks/gpu_check.sh sets JAX_PLATFORMS=cuda) the same tests run the compiled kernels.
 PALLAS = {"backend": "pallas", "interpret": not on_gpu()}
+
+
+# Tiny configs whose projections fit the W4 formats (N and K multiples of 64), with a
+# byte-level tokenizer (vocab 256 + 4 specials) so the converter and the CLIs run end to end.
+TINY_QUANT_CONFIGS = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=260,
+                  hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                  max_position_embeddings=512, bos_token_id=256, eos_token_id=257),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=260,
+                    hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                    rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None,
+                    rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=256,
+                    eos_token_id=257),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=260,
+                  hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+                  rms_norm_eps=1e-6, max_position_embeddings=512, bos_token_id=256,
+                  eos_token_id=257),
+}
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level BPE with no merges: ids 0..255 are bytes, 256.. are special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    # order the 256 byte symbols by byte value, as GPT-2's bytes_to_unicode does
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    byte_sym = dict(zip(bs, (chr(c) for c in cs)))
+    assert set(byte_sym.values()) == set(alphabet)
+    vocab = {byte_sym[b]: b for b in range(256)}
+    specials = ["<s>", "</s>", "<pad>", "<unk>"]
+    for i, s in enumerate(specials):
+        vocab[s] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": False,
+        "chat_template": "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"}))
+
+
+def make_tiny_quant_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
+    hf = TINY_QUANT_CONFIGS[name]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf))
+    cfg = ModelConfig.from_hf_dict(hf)
+    save_safetensors(random_hf_weights(cfg, seed, std=0.05), path)
+    write_byte_tokenizer(path)
+    return path
+
+
+def write_text(path: Path, n_words: int = 4000, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    words = ["the", "model", "quantized", "weights", "cache", "river", "light", "stone", "blue",
+             "seven", "tokens", "attention", "small", "bright", "quiet", "paper", "kernel"]
+    path.write_text(" ".join(rng.choice(words, n_words)))
+    return path

@@ -1,0 +1,131 @@
+"""QoQ's function-preserving weight transforms (qserve_spec.md sections 1.7-1.10).
+
+Each function takes the weights of one decoder layer, named relative to the layer
+("self_attn.q_proj.weight", ...; float64 numpy, HF layout [out, in]) and returns new ones that
+compute the same function (up to rounding), with activations or weights that quantize better.
+
+- rotate_layer:        fold RMSNorm weights into the next linears, then rotate the residual
+                       stream by an orthogonal Hadamard R (inputs W R, outputs Rᵀ W)
+- smooth_attention:    q_proj rows x lambda, k_proj rows / lambda, lambda = max|K_c|^alpha from
+                       post-RoPE keys, shared by each RoPE pair (c, c + d/2) and each GQA group
+- smooth_out / smooth_down: SmoothQuant-style lambda_j = max|X_j|^alpha / max|W_:,j|^beta
+                       moved from o_proj's inputs into v_proj's rows (GQA-aware), and from
+                       down_proj's inputs into up_proj's rows
+- reorder_down / reorder_out: permute input channels by ascending max|X_j| so channels of similar
+                       size share a quantization group (g128)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qoq_jax.config import ModelConfig
+
+IN_LINEARS_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+IN_LINEARS_MLP = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def _scale_rows(w: dict, name: str, factor: np.ndarray) -> None:
+    w[name + ".weight"] = w[name + ".weight"] * factor[:, None]
+    if name + ".bias" in w:
+        w[name + ".bias"] = w[name + ".bias"] * factor
+
+
+def fold_norm_into(w: dict, norm: str, linears: tuple[str, ...]) -> None:
+    gamma = w[norm + ".weight"]
+    for name in linears:
+        w[name + ".weight"] = w[name + ".weight"] * gamma[None, :]
+    w[norm + ".weight"] = np.ones_like(gamma)
+
+
+def rotate_layer(w: dict, rot: np.ndarray) -> dict:
+    """Fold both norms, then W <- W R for the residual's readers and W <- Rᵀ W for its writers."""
+    w = dict(w)
+    fold_norm_into(w, "input_layernorm", IN_LINEARS_ATTN)
+    fold_norm_into(w, "post_attention_layernorm", IN_LINEARS_MLP)
+    for name in IN_LINEARS_ATTN + IN_LINEARS_MLP:
+        w[name + ".weight"] = w[name + ".weight"] @ rot
+    for name in ("self_attn.o_proj", "mlp.down_proj"):
+        w[name + ".weight"] = rot.T @ w[name + ".weight"]
+        if name + ".bias" in w:
+            w[name + ".bias"] = rot.T @ w[name + ".bias"]
+    return w
+
+
+def _safe(lam: np.ndarray) -> np.ndarray:
+    lam = np.where((lam > 0) & np.isfinite(lam), lam, 1.0)
+    return lam if np.all(np.isfinite(lam)) else np.ones_like(lam)
+
+
+def smooth_attention(w: dict, cfg: ModelConfig, k_absmax: np.ndarray, alpha: float = 0.5) -> dict:
+    """lambda per (KV head, channel) from post-RoPE key maxima; q rows x lambda, k rows / lambda."""
+    hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
+    span = k_absmax.reshape(hkv, 2, hd // 2).max(axis=1)  # one value per RoPE pair
+    lam = _safe(np.concatenate([span, span], axis=1) ** alpha)  # [Hkv, D]
+    w = dict(w)
+    _scale_rows(w, "self_attn.k_proj", 1.0 / lam.reshape(-1))
+    _scale_rows(w, "self_attn.q_proj", np.repeat(lam, g, axis=0).reshape(-1))  # each group
+    return w
+
+
+def smooth_lambda(x_absmax: np.ndarray, w_colmax: np.ndarray, alpha: float,
+                  beta: float) -> np.ndarray:
+    """lambda_j = max|X_j|^alpha / max|W_:,j|^beta (zeros and non-finite values -> 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if alpha == 0:
+            lam = w_colmax ** -beta
+        else:
+            lam = x_absmax ** alpha / w_colmax ** beta
+    return _safe(lam)
+
+
+def smooth_out(w: dict, cfg: ModelConfig, o_absmax: np.ndarray, alpha: float,
+               beta: float) -> dict:
+    """Move lambda from o_proj's input channels into v_proj's rows. With GQA one v row feeds
+    several query heads; the lambda of the group's first head is used for all of them."""
+    hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
+    wo = w["self_attn.o_proj.weight"]
+    lam = smooth_lambda(o_absmax, np.abs(wo).max(axis=0), alpha, beta)
+    lam_v = lam.reshape(hkv, g, hd)[:, 0, :]  # [Hkv, D]
+    w = dict(w)
+    _scale_rows(w, "self_attn.v_proj", 1.0 / lam_v.reshape(-1))
+    w["self_attn.o_proj.weight"] = wo * np.repeat(lam_v, g, axis=0).reshape(-1)[None, :]
+    return w
+
+
+def smooth_down(w: dict, down_absmax: np.ndarray, alpha: float, beta: float) -> dict:
+    """Move lambda from down_proj's input channels into up_proj's rows (SwiGLU is linear in up)."""
+    wd = w["mlp.down_proj.weight"]
+    lam = smooth_lambda(down_absmax, np.abs(wd).max(axis=0), alpha, beta)
+    w = dict(w)
+    _scale_rows(w, "mlp.up_proj", 1.0 / lam)
+    w["mlp.down_proj.weight"] = wd * lam[None, :]
+    return w
+
+
+def reorder_down(w: dict, down_absmax: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Permute the intermediate channels by ascending max|X|: gate/up rows, down columns."""
+    perm = np.argsort(down_absmax, kind="stable")
+    w = dict(w)
+    for name in IN_LINEARS_MLP:
+        w[name + ".weight"] = w[name + ".weight"][perm]
+        if name + ".bias" in w:
+            w[name + ".bias"] = w[name + ".bias"][perm]
+    w["mlp.down_proj.weight"] = w["mlp.down_proj.weight"][:, perm]
+    return w, perm
+
+
+def reorder_out(w: dict, cfg: ModelConfig, o_absmax: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Per KV head, permute the head's channels by ascending max|X| (over the group's query
+    heads): v_proj rows and the matching o_proj columns of every head in the group."""
+    hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
+    metric = o_absmax.reshape(hkv, g, hd).max(axis=1)
+    perms = np.stack([np.argsort(m, kind="stable") for m in metric])  # [Hkv, D]
+    v_idx = (np.arange(hkv)[:, None] * hd + perms).reshape(-1)
+    o_idx = (np.arange(hkv * g)[:, None] * hd + np.repeat(perms, g, axis=0)).reshape(-1)
+    w = dict(w)
+    w["self_attn.v_proj.weight"] = w["self_attn.v_proj.weight"][v_idx]
+    if "self_attn.v_proj.bias" in w:
+        w["self_attn.v_proj.bias"] = w["self_attn.v_proj.bias"][v_idx]
+    w["self_attn.o_proj.weight"] = w["self_attn.o_proj.weight"][:, o_idx]
+    return w, perms

@@ -1,0 +1,132 @@
+"""convert_hf_checkpoint end to end on tiny random models; loading, generating, atomicity."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TINY_QUANT_CONFIGS, make_tiny_quant_checkpoint, write_text
+
+import qoq_jax
+from qoq_jax import checkpoint
+from qoq_jax.convert import convert, load_source, quantize
+from qoq_jax.layers import W4A8Linear
+from qoq_jax.quant.config import QuantConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _qcfg(text, **kw):
+    return QuantConfig(calib_text=[str(text)], calib_samples=4, calib_seq_len=64, clip_grid=8,
+                       **kw)
+
+
+@pytest.mark.parametrize("name", list(TINY_QUANT_CONFIGS))
+@pytest.mark.parametrize("method,group", [("qoq", 128), ("qoq", -1), ("rtn", 128)])
+def test_convert_reload_generate(tmp_path, name, method, group):
+    src = make_tiny_quant_checkpoint(tmp_path / "src", name, seed=2)
+    text = write_text(tmp_path / "calib.txt")
+    qcfg = _qcfg(text, method=method, group_size=group)
+    out = convert(str(src), str(tmp_path / "out"), qcfg, progress=False)
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["quantization"]["method"] == method
+    assert hf["quantization"]["group_size"] == group
+    c = TINY_QUANT_CONFIGS[name]
+    inputs = {"self_attn.o_proj": c["num_attention_heads"] * c["head_dim"],
+              "mlp.down_proj": c["intermediate_size"]}
+    for layer, g in hf["quantization"]["layer_group_sizes"].items():
+        k = inputs.get(layer, c["hidden_size"])
+        assert g == (-1 if group == -1 else 128 if k % 128 == 0 else 64), layer
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial leftovers
+
+    llm = qoq_jax.load(out, dtype="float32")
+    assert llm.engine.kv_cache == "kv4"
+    assert isinstance(llm.model.layers.mlp.down_proj, W4A8Linear)
+    assert llm.model.lm_head is None or not isinstance(llm.model.lm_head, W4A8Linear)
+    # the packed weights survive the round trip bit for bit
+    cfg, weights, tok, _ = load_source(str(src))
+    fresh, _ = quantize(cfg, weights, tok, qcfg, dtype="float32", progress=False)
+    a, b = fresh.layers.self_attn.q_proj, llm.model.layers.self_attn.q_proj
+    np.testing.assert_array_equal(np.asarray(a.qweight[...]), np.asarray(b.qweight[...]))
+    np.testing.assert_array_equal(np.asarray(a.szero[...]), np.asarray(b.szero[...]))
+    # and the model generates
+    out_tokens = llm.engine.generate([[1, 2, 3, 4, 5]], qoq_jax.SamplingParams(
+        max_new_tokens=6, stop_token_ids=()))[0].tokens
+    assert len(out_tokens) == 6 and all(0 <= t < 260 for t in out_tokens)
+
+
+def _all_logits(llm, tokens):
+    from flax import nnx
+
+    from qoq_jax.kv_cache import make_cache
+    from qoq_jax.model import prefill
+
+    model = nnx.merge(llm.engine.graphdef, llm.engine.params)
+    cfg = model.config
+    cache = make_cache(llm.engine.kv_cache, cfg.num_layers, 9, 16, cfg.num_kv_heads,
+                       cfg.head_dim, jnp.float32)
+    table = jnp.arange(1, 9, dtype=jnp.int32)[None]
+    logits, _ = prefill(model, jnp.asarray([tokens]), jnp.asarray([len(tokens)]), cache, table,
+                        all_logits=True, attend_stored_kv=True)
+    return np.asarray(logits[0])
+
+
+def test_quantized_model_tracks_the_float_model(tmp_path):
+    """W4A8KV4 logits stay close to the float model's (a sanity bound on the whole path)."""
+    src = make_tiny_quant_checkpoint(tmp_path / "src", "llama", seed=4)
+    text = write_text(tmp_path / "calib.txt")
+    fp = qoq_jax.load(src, dtype="float32")
+    tokens = list(range(20, 120))
+    ref = _all_logits(fp, tokens)
+    for method in ("rtn", "qoq"):
+        q = qoq_jax.load(src, dtype="float32", quantize=_qcfg(text, method=method))
+        got = _all_logits(q, tokens)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert 1e-4 < rel < 0.2, (method, rel)  # quantized, but not broken
+
+
+def test_failed_conversion_leaves_nothing_loadable(tmp_path, monkeypatch):
+    src = make_tiny_quant_checkpoint(tmp_path / "src", "qwen2")
+    text = write_text(tmp_path / "calib.txt")
+
+    def broken_save(model, qcfg, tokenizer, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(str(src), str(tmp_path / "out"), _qcfg(text, method="rtn"), progress=False)
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
+
+
+def test_convert_cli(tmp_path):
+    src = make_tiny_quant_checkpoint(tmp_path / "src", "mistral")
+    text = write_text(tmp_path / "calib.txt")
+    out = tmp_path / "ckpt"
+    args = [sys.executable, "-m", "qoq_jax.convert", "--hf-dir", str(src), "--out", str(out),
+            "--calib-text", str(text), "--calib-samples", "4", "--calib-seq-len", "64",
+            "--group-size", "-1", "--clip-grid", "4", "--quiet"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    again = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 1 and "not an empty directory" in again.stderr
+    gen = subprocess.run([sys.executable, "-m", "qoq_jax.generate", "--model", str(out),
+                          "--prompt", "the model", "--max-new-tokens", "4", "--json"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout.splitlines()[0])["token_ids"]) <= 4
+    ppl = subprocess.run([sys.executable, "-m", "qoq_jax.eval.perplexity", "--model", str(out),
+                          "--text", str(text), "--seq-len", "128", "--max-windows", "2",
+                          "--json"], capture_output=True, text=True, cwd=REPO)
+    assert ppl.returncode == 0, ppl.stderr
+    res = json.loads(ppl.stdout)
+    assert res["windows"] == 2 and res["kv_cache"] == "kv4" and np.isfinite(res["perplexity"])
+    bad = subprocess.run([sys.executable, "-m", "qoq_jax.convert", "--hf-dir",
+                          str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "no Hugging Face checkpoint" in bad.stderr
+    assert not (tmp_path / "x").exists()
