@@ -23,11 +23,25 @@ def llm():
     return qoq_jax.load(dtype="float32")
 
 
+PPL_WINDOWS, PPL_LEN = 2, 512
+
+
+def _wiki_ids(llm):
+    from qoq_jax.eval.data import load_documents, tokenize_joined
+
+    docs = load_documents(assets.wiki_summaries_path())
+    return tokenize_joined(llm.tokenizer, docs, PPL_WINDOWS * PPL_LEN)[:PPL_WINDOWS * PPL_LEN]
+
+
 @pytest.fixture(scope="module")
 def oracle(llm, tmp_path_factory):
     root = tmp_path_factory.mktemp("oracle")
     prompts = [llm.encode(p, chat=True) for p in PROMPTS]
+    ids = _wiki_ids(llm)
+    windows = [ids[i * PPL_LEN:(i + 1) * PPL_LEN] for i in range(PPL_WINDOWS)]
     jobs = [
+        {"kind": "nll", "name": "nll", "model": str(assets.default_model_dir()),
+         "windows": windows},
         {"kind": "greedy", "name": "greedy", "model": str(assets.default_model_dir()),
          "prompts": prompts, "max_new_tokens": 32},
         {"kind": "gguf_weights", "name": "gguf", "gguf": str(assets.default_gguf_path()),
@@ -36,11 +50,11 @@ def oracle(llm, tmp_path_factory):
     out = run_oracle(jobs, root)
     import json
     return prompts, json.loads((out / "greedy.json").read_text()), json.loads(
-        (out / "gguf.json").read_text())
+        (out / "gguf.json").read_text()), json.loads((out / "nll.json").read_text())
 
 
 def test_greedy_tokens_match_transformers(llm, oracle):
-    prompts, expected, _ = oracle
+    prompts, expected, _, _ = oracle
     results = llm.engine.generate(prompts, qoq_jax.SamplingParams(max_new_tokens=32))
     for prompt, r, exp in zip(PROMPTS, results, expected):
         # transformers pads a finished sequence with EOS; we stop at the first EOS.
@@ -73,7 +87,7 @@ def test_sampling_in_a_batch_is_independent_of_the_batch(llm):
 
 
 def test_gguf_reader_matches_transformers_gguf_loader(oracle):
-    _, _, report = oracle
+    _, _, report, _ = oracle
     assert not report["shape_mismatch"]
     # transformers keeps a separate lm_head for tied models in its state dict; nothing else differs.
     assert set(report["only_ours"]) <= {"lm_head.weight"}
@@ -87,3 +101,31 @@ def test_generate_from_the_gguf_file_directly():
     llm = qoq_jax.load(assets.default_gguf_path(), dtype="float32")
     out = llm.generate(PROMPTS[0], chat=True, max_new_tokens=12)[0]
     assert out.text.startswith("The capital of France is Paris")
+
+
+def test_float_perplexity_matches_transformers(llm, oracle):
+    """Our perplexity machinery on the float model equals transformers' on the same tokens."""
+    import math
+
+    from qoq_jax.eval.perplexity import perplexity
+
+    nll_sums = oracle[3]
+    expected = math.exp(sum(nll_sums) / (PPL_WINDOWS * (PPL_LEN - 1)))
+    got = perplexity(llm, _wiki_ids(llm), seq_len=PPL_LEN, progress=False)["perplexity"]
+    assert abs(got / expected - 1) < 1e-4, (got, expected)
+
+
+def test_qoq_beats_rtn_on_real_text(llm):
+    """A short run on the real model: QoQ (g128, small calibration) has lower perplexity than
+    round-to-nearest W4A8KV4, and both stay within reach of the float model."""
+    from qoq_jax.eval.perplexity import perplexity
+    from qoq_jax.quant.config import QuantConfig
+
+    ids = _wiki_ids(llm)
+    fp = perplexity(llm, ids, seq_len=PPL_LEN, progress=False)["perplexity"]
+    result = {}
+    for method in ("rtn", "qoq"):
+        q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
+            method=method, group_size=128, calib_samples=8, calib_seq_len=256))
+        result[method] = perplexity(q, ids, seq_len=PPL_LEN, progress=False)["perplexity"]
+    assert fp < result["qoq"] < result["rtn"] < 3 * fp, (fp, result)

@@ -10,23 +10,66 @@ w / s1 (the INT8 domain), per the reference code.
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels import packing
 
 
+@jax.jit
+def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
+    l = jnp.linalg.cholesky(h)
+    l_inv = jax.scipy.linalg.solve_triangular(l, jnp.eye(h.shape[0], dtype=h.dtype), lower=True)
+    return jnp.linalg.cholesky(l_inv.T @ l_inv).T
+
+
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of H^-1, with damping (more if H is numerically singular)."""
+    """Upper Cholesky factor of H^-1 (float32), with damping (more if H is nearly singular)."""
     k = h.shape[0]
     mean_diag = float(np.mean(np.diag(h)))
     for extra in (1.0, 10.0, 100.0, 1000.0):
-        try:
-            hd = h + np.eye(k) * damp * extra * mean_diag
-            inv = np.linalg.inv(np.linalg.cholesky(hd))
-            return np.linalg.cholesky(inv.T @ inv).T
-        except np.linalg.LinAlgError:
-            continue
+        hd = (h + np.eye(k) * damp * extra * mean_diag) / mean_diag  # well scaled for float32
+        u = np.asarray(_upper_cholesky_of_inverse(jnp.asarray(hd, jnp.float32)), np.float64)
+        if np.all(np.isfinite(u)):
+            return u / np.sqrt(mean_diag)
     raise np.linalg.LinAlgError("the input Hessian is not positive definite even with damping")
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _gptq_blocks(w, hinv, s, z, cmin, cmax, block: int):
+    """The GPTQ sweep in float32 (all arrays act-ordered, K a multiple of block)."""
+    n, k = w.shape
+    cols = jnp.arange(block)
+
+    def one_block(b, carry):
+        w, q = carry
+        start = b * block
+        wb = lax.dynamic_slice(w, (0, start), (n, block))
+        hb = lax.dynamic_slice(hinv, (start, start), (block, block))
+        sb, zb = lax.dynamic_slice(s, (0, start), (n, block)), lax.dynamic_slice(z, (0, start), (n, block))
+        lob = lax.dynamic_slice(cmin, (0, start), (n, block))
+        hib = lax.dynamic_slice(cmax, (0, start), (n, block))
+
+        def one_column(i, carry):
+            wb, qb, eb = carry
+            col, si, zi = wb[:, i], sb[:, i], zb[:, i]
+            qi = jnp.clip(jnp.round(col / si) + zi, lob[:, i], hib[:, i])
+            e = (col - (qi - zi) * si) / hb[i, i]
+            wb = wb - e[:, None] * jnp.where(cols > i, hb[i], 0.0)[None, :]
+            return wb, qb.at[:, i].set(qi), eb.at[:, i].set(e)
+
+        zeros = jnp.zeros((n, block), w.dtype)
+        _, qb, eb = lax.fori_loop(0, block, one_column, (wb, zeros, zeros))
+        rows = lax.dynamic_slice(hinv, (start, 0), (block, k))
+        w = w - eb @ jnp.where(jnp.arange(k)[None, :] >= start + block, rows, 0.0)
+        return w, lax.dynamic_update_slice(q, qb, (0, start))
+
+    _, q = lax.fori_loop(0, k // block, one_block, (w, jnp.zeros_like(w)))
+    return q
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray,
@@ -36,30 +79,25 @@ def gptq_codes(w: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray,
     each code kept within [code_min, code_max] (scalars or [N, K])."""
     w = np.array(w, np.float64)
     h = np.array(hessian, np.float64)
+    n, k = w.shape
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     perm = np.argsort(-np.diag(h), kind="stable")  # act-order
-    w, h = w[:, perm], h[perm][:, perm]
-    s, z = column_scale[:, perm].astype(np.float64), column_zero[:, perm].astype(np.float64)
-    n, k = w.shape
-    cmin = np.broadcast_to(code_min, (n, k))[:, perm]
-    cmax = np.broadcast_to(code_max, (n, k))[:, perm]
-    hinv = _inverse_cholesky(h, damp)
-    q = np.zeros((n, k))
-    for start in range(0, k, block):
-        end = min(start + block, k)
-        err = np.zeros((n, end - start))
-        for i in range(start, end):
-            col = w[:, i]
-            qi = np.clip(np.rint(col / s[:, i]) + z[:, i], cmin[:, i], cmax[:, i])
-            q[:, i] = qi
-            e = (col - (qi - z[:, i]) * s[:, i]) / hinv[i, i]
-            w[:, i + 1:end] -= np.outer(e, hinv[i, i + 1:end])
-            err[:, i - start] = e
-        w[:, end:] -= err @ hinv[start:end, end:]
-    out = np.empty_like(q)
-    out[:, perm] = q
+    hinv = _inverse_cholesky(h[perm][:, perm], damp)
+    pad = -k % block  # padded columns: zero weights, identity rows, never touch the others
+    hp = np.eye(k + pad)
+    hp[:k, :k] = hinv
+
+    def arr(a, fill):
+        a = np.broadcast_to(a, (n, k))[:, perm]
+        return np.pad(a, ((0, 0), (0, pad)), constant_values=fill).astype(np.float32)
+
+    q = _gptq_blocks(jnp.asarray(arr(w, 0.0)), jnp.asarray(hp, jnp.float32),
+                     jnp.asarray(arr(column_scale, 1.0)), jnp.asarray(arr(column_zero, 0.0)),
+                     jnp.asarray(arr(code_min, 0.0)), jnp.asarray(arr(code_max, 15.0)), block)
+    out = np.empty((n, k))
+    out[:, perm] = np.asarray(q, np.float64)[:, :k]
     return out
 
 

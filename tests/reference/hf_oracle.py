@@ -7,6 +7,8 @@ imported by the package (torch is not one of its dependencies). JOBS.json is a l
     fp32 logits of each token list run alone -> OUT_DIR/N.npz with arrays "0", "1", ...
 - {"kind": "greedy", "name": N, "model": DIR, "prompts": [[...], ...], "max_new_tokens": K}
     greedy generation of each prompt alone (stops at EOS) -> OUT_DIR/N.json: list of token lists
+- {"kind": "nll", "name": N, "model": DIR, "windows": [[...], ...]}
+    fp32 sum of next-token negative log-likelihoods of each window -> OUT_DIR/N.json
 - {"kind": "gguf_weights", "name": N, "gguf": FILE, "model": DIR}
     load FILE with transformers' own GGUF loader and DIR (our conversion) with from_pretrained;
     -> OUT_DIR/N.json: {tensor name: max abs difference}, plus the names missing on either side
@@ -52,6 +54,17 @@ def greedy(job, out):
     (out / f"{job['name']}.json").write_text(json.dumps(results))
 
 
+def nll(job, out):
+    model = _load(job["model"])
+    sums = []
+    with torch.no_grad():
+        for toks in job["windows"]:
+            ids = torch.tensor([toks], dtype=torch.long)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+            sums.append(float(-logp.gather(1, ids[0, 1:, None]).sum()))
+    (out / f"{job['name']}.json").write_text(json.dumps(sums))
+
+
 def gguf_weights(job, out):
     from transformers import GgufConfig
 
@@ -76,7 +89,7 @@ def main():
     out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     for job in jobs:
-        {"logits": logits, "greedy": greedy, "gguf_weights": gguf_weights}[job["kind"]](job, out)
+        {"logits": logits, "greedy": greedy, "nll": nll, "gguf_weights": gguf_weights}[job["kind"]](job, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""The accuracy table of docs/ACCURACY.md: float vs RTN vs QoQ, and QoQ's steps added in turn.
+
+    python -m qoq_jax.eval.ablation --out docs/accuracy.json
+
+Every row is W4A8KV4 through the real inference path (packed weights, INT8 activations, KV4)
+except "float". Steps are added in the paper's pipeline order: rotation, SmoothAttention, output
+smoothing, reordering (groups) or clipping (per-channel), GPTQ. Perplexity is measured on the
+Wikipedia summaries from the start (calibration draws from their second half) and on Botchan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+STEPS = ("rotate", "smooth_attention", "smooth_out", "smooth_down", "reorder", "clip", "gptq")
+
+
+def rows_for(group: int) -> list[tuple[str, dict]]:
+    """(label, QuantConfig overrides) for one variant, each step added to the one before."""
+    last = "reorder" if group != -1 else "clip"
+    ladder = [("rotation", ["rotate"]), ("+ SmoothAttention", ["smooth_attention"]),
+              ("+ output smoothing", ["smooth_out", "smooth_down"]),
+              (f"+ {'reordering' if group != -1 else 'clipping'}", [last]), ("+ GPTQ (= QoQ)", ["gptq"])]
+    rows = [("RTN", {"method": "rtn"})]
+    on: list[str] = []
+    for label, steps in ladder:
+        on += steps
+        rows.append((label, {s: (s in on) for s in STEPS}))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qoq_jax.eval.ablation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF directory or .gguf (default: the embedded model)")
+    ap.add_argument("--windows", type=int, default=4, help="perplexity windows per text")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--groups", type=int, nargs="+", default=[128, -1])
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    import qoq_jax
+    from qoq_jax import assets
+    from qoq_jax.eval.data import load_documents, tokenize_joined
+    from qoq_jax.eval.perplexity import perplexity
+    from qoq_jax.quant.config import QuantConfig
+
+    fp = qoq_jax.load(args.model, dtype="float32")
+    need = args.windows * args.seq_len
+    texts = {"wiki": tokenize_joined(fp.tokenizer, load_documents(assets.wiki_summaries_path()),
+                                     need),
+             "botchan": tokenize_joined(fp.tokenizer, load_documents(assets.botchan_path()))}
+
+    def measure(llm):
+        return {name: perplexity(llm, ids, seq_len=args.seq_len, max_windows=args.windows,
+                                 progress=False)["perplexity"] for name, ids in texts.items()}
+
+    results = [{"variant": "float", "step": "float (16-bit KV)", **measure(fp)}]
+    print(f"| variant | step | wiki | botchan |\n|---|---|---|---|\n| float | - | "
+          f"{results[0]['wiki']:.3f} | {results[0]['botchan']:.3f} |", flush=True)
+    for group in args.groups:
+        variant = "per-channel" if group == -1 else f"g{group}"
+        for label, overrides in rows_for(group):
+            t0 = time.perf_counter()
+            qcfg = QuantConfig(group_size=group, calib_samples=args.calib_samples,
+                               calib_seq_len=args.calib_seq_len, **overrides)
+            llm = qoq_jax.load(args.model, dtype="float32", quantize=qcfg)
+            row = {"variant": variant, "step": label, **measure(llm),
+                   "recipe": {s: getattr(qcfg, s) for s in STEPS},
+                   "seconds": time.perf_counter() - t0}
+            results.append(row)
+            print(f"| {variant} | {label} | {row['wiki']:.3f} | {row['botchan']:.3f} |",
+                  flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
