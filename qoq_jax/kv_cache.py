@@ -29,9 +29,23 @@ SCRATCH_PAGE = 0
 KV_CACHE_KINDS = ("16bit", "kv4")
 
 
+class _PagePools:
+    """What both cache kinds share: their first pool is [L, num_pages, Hkv, page_size, ...]."""
+
+    k: jax.Array
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class PagedKVCache:
+class PagedKVCache(_PagePools):
     """16-bit pools [L, num_pages, Hkv, page_size, D], keys stored after RoPE."""
 
     k: jax.Array
@@ -42,14 +56,6 @@ class PagedKVCache:
               head_dim: int, dtype) -> "PagedKVCache":
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-    @property
-    def page_size(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def num_pages(self) -> int:
-        return self.k.shape[1]
 
     def write(self, layer, k, v, cos, sin, page, slot) -> "PagedKVCache":
         """RoPE the keys, then scatter k/v [B, T, Hkv, D] at (page, slot) [B, T] of `layer`."""
@@ -68,7 +74,7 @@ class PagedKVCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class PagedKV4Cache:
+class PagedKV4Cache(_PagePools):
     """KV4 pools: codes uint8 [L, N, Hkv, P, D/2], scale/zero fp16 [L, N, Hkv, P] (kv4.py)."""
 
     k: jax.Array
@@ -88,14 +94,6 @@ class PagedKV4Cache:
         return cls(*(f(shape, dtype) for _ in range(2) for f, shape, dtype in (
             (jnp.zeros, codes, jnp.uint8), (jnp.ones, stats, jnp.float16),
             (jnp.zeros, stats, jnp.float16))))
-
-    @property
-    def page_size(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def num_pages(self) -> int:
-        return self.k.shape[1]
 
     def _pools(self):
         return (self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero)
