@@ -1,0 +1,1 @@
+"""QoQ, offline: calibration, rotation, smoothing, reordering, clipping, GPTQ, the pipeline."""
