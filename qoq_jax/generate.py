@@ -36,8 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts generated together (default 16)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--kv-cache", choices=["16bit", "kv4"], default="16bit",
-                   help="KV cache format: 16-bit, or QServe's 4-bit KV4 (default 16bit)")
+    p.add_argument("--kv-cache", choices=["16bit", "kv4"],
+                   help="KV cache format: 16-bit, or QServe's 4-bit KV4 (default: kv4 for "
+                        "quantized models, 16bit otherwise)")
+    p.add_argument("--quantize", choices=["qoq", "rtn"],
+                   help="quantize a float model to W4A8KV4 on the fly (small calibration set; "
+                        "convert_hf_checkpoint makes a reusable checkpoint)")
+    p.add_argument("--group-size", type=int, choices=[128, 64, -1], default=128,
+                   help="with --quantize: W4 group size (-1 = per-channel)")
     p.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: prompt, text, token_ids")
@@ -66,8 +72,16 @@ def main(argv=None) -> int:
         sampling = qoq_jax.SamplingParams(max_new_tokens=args.max_new_tokens,
                                           temperature=args.temperature, top_k=args.top_k,
                                           top_p=args.top_p)
-        llm = qoq_jax.load(args.model, dtype=args.dtype, kv_cache=args.kv_cache,
-                           page_size=args.page_size)
+        engine = {"page_size": args.page_size}
+        if args.kv_cache:
+            engine["kv_cache"] = args.kv_cache
+        quantize = None
+        if args.quantize:
+            from qoq_jax.quant.config import QuantConfig
+
+            quantize = QuantConfig(method=args.quantize, group_size=args.group_size,
+                                   calib_samples=16, calib_seq_len=512)
+        llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, **engine)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -95,8 +109,8 @@ def main(argv=None) -> int:
                                   "finish_reason": r.finish_reason}), flush=True)
             else:
                 print(text if len(prompts) == 1 else f"--- {prompt}\n{text}", flush=True)
-    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / max(seconds, 1e-9):.1f} tokens/s, "
-          f"compilation included]", file=sys.stderr)
+    print(f"[{llm.source}, {llm.engine.kv_cache} KV cache: {n_tokens} tokens in {seconds:.2f} s, "
+          f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s, compilation included]", file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,8 @@ def test_generate_help_lists_the_options():
     r = run("-m", "qoq_jax.generate", "--help")
     assert r.returncode == 0
     for opt in ("--model", "--prompts-file", "--max-new-tokens", "--temperature", "--top-k",
-                "--top-p", "--seed", "--chat", "--batch-size", "--json", "--dtype"):
+                "--top-p", "--seed", "--chat", "--batch-size", "--json", "--dtype", "--kv-cache",
+                "--quantize"):
         assert opt in r.stdout
 
 
@@ -76,3 +77,12 @@ def test_gguf_to_hf_on_a_damaged_file_leaves_nothing(tmp_path):
     assert r.returncode == 1 and "error:" in r.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [bad]
+
+
+@pytest.mark.slow
+def test_generate_quantizes_on_the_fly():
+    r = run("-m", "qoq_jax.generate", "--quantize", "rtn", "--chat", "--prompt",
+            "What is the capital of France?", "--max-new-tokens", "8", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "rtn on the fly" in r.stderr and "kv4 KV cache" in r.stderr
+    assert "Paris" in r.stdout

@@ -119,6 +119,7 @@ def test_convert_cli(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout.splitlines()[0])["token_ids"]) <= 4
+    assert "kv4 KV cache" in gen.stderr  # a quantized checkpoint runs with its KV4 cache
     ppl = subprocess.run([sys.executable, "-m", "qoq_jax.eval.perplexity", "--model", str(out),
                           "--text", str(text), "--seq-len", "128", "--max-windows", "2",
                           "--json"], capture_output=True, text=True, cwd=REPO)
