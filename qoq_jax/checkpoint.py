@@ -32,6 +32,13 @@ FORMAT_VERSION = 1
 STORAGE_DTYPE = jnp.bfloat16
 
 
+def _stored_dtype(dtype):
+    """Float tensors are stored in bfloat16; packed fields and fp16 scales keep their dtype."""
+    if jnp.issubdtype(dtype, jnp.floating) and dtype != jnp.float16:
+        return STORAGE_DTYPE
+    return dtype
+
+
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     cfg = Path(path) / "config.json"
     return cfg.exists() and "quantization" in json.loads(cfg.read_text())
@@ -70,9 +77,7 @@ def save(model, qcfg: QuantConfig, tokenizer, out_dir: Path) -> None:
 
     cfg: ModelConfig = model.config
     _, state = nnx.split(model)
-    pure = jax.tree.map(
-        lambda a: a.astype(STORAGE_DTYPE) if jnp.issubdtype(a.dtype, jnp.floating)
-        and a.dtype != jnp.float16 else a, nnx.to_pure_dict(state))
+    pure = jax.tree.map(lambda a: a.astype(_stored_dtype(a.dtype)), nnx.to_pure_dict(state))
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(out_dir / "state", pure)
     ckptr.wait_until_finished()
@@ -98,10 +103,8 @@ def load_model(path: str | os.PathLike, dtype):
     qcfg = QuantConfig.from_dict(hf["quantization"])
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear_factory(qcfg)))
     graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, STORAGE_DTYPE)
-        if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != jnp.float16 else a,
-        nnx.to_pure_dict(state))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, _stored_dtype(a.dtype)),
+                          nnx.to_pure_dict(state))
     if not (path / "state").exists():
         raise FileNotFoundError(f"{path} has no state/ (an incomplete checkpoint?)")
     restored = ocp.StandardCheckpointer().restore(path / "state", target)

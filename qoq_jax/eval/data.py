@@ -34,11 +34,6 @@ def load_documents(path: str | Path) -> list[str]:
     return [d for d in docs if d.strip()]
 
 
-def eval_split(docs: list[str]) -> list[str]:
-    """The documents evaluation may read (all; evaluation reads from the start)."""
-    return docs
-
-
 def calibration_split(docs: list[str]) -> list[str]:
     """The documents calibration may read: the second half of a multi-document collection,
     disjoint from the windows perplexity reads from the start. A single document (a novel) is

@@ -102,12 +102,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import qoq_jax
-    from qoq_jax.eval.data import eval_split, load_documents, tokenize_joined
+    from qoq_jax.eval.data import load_documents, tokenize_joined
 
     try:
         kw = {} if args.kv_cache is None else {"kv_cache": args.kv_cache}
         llm = qoq_jax.load(args.model, dtype=args.dtype, **kw)
-        docs = eval_split(load_documents(resolve_text(args.text)))
+        docs = load_documents(resolve_text(args.text))  # read from the start
         need = None if args.max_windows is None else args.max_windows * args.seq_len
         ids = tokenize_joined(llm.tokenizer, docs, need)
         result = perplexity(llm, ids, seq_len=args.seq_len, max_windows=args.max_windows,
