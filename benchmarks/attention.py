@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import header, save, time_fn  # noqa: E402
 
-from pallas_kernels.paged_attention import paged_decode_attention  # noqa: E402
+from pallas_kernels.paged_attention import default_splits, paged_attention  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 
@@ -37,7 +37,7 @@ def setup(batch, ctx, page, seed=0):
     vq = jax.random.randint(jax.random.fold_in(key, 1), kq.shape, 0, 256, jnp.int32).astype(jnp.uint8)
     st = [jax.random.uniform(jax.random.fold_in(key, 2 + i), kq.shape[:-1], jnp.float32, 0.01, 0.1
                              ).astype(jnp.float16) for i in range(4)]
-    q = jax.random.normal(jax.random.fold_in(key, 9), (batch, HQ, D), jnp.bfloat16)
+    q = jax.random.normal(jax.random.fold_in(key, 9), (batch, 1, HQ, D), jnp.bfloat16)
     return q, kq, vq, st, jnp.asarray(table), jnp.full((batch,), ctx, jnp.int32)
 
 
@@ -54,15 +54,20 @@ def main(argv=None):
         batch, ctxs, iters, kernel = 2, [128], 1, dict(interpret=True)
     page = 64 if not args.smoke else 16
 
-    kv4 = jax.jit(lambda q, k, v, t, n, s: paged_decode_attention(q, k, v, 0, t, n, kv4_scales=s,
-                                                                  **kernel))
-    b16 = jax.jit(lambda q, k, v, t, n: paged_decode_attention(q, k, v, 0, t, n, **kernel))
+    # splits as an engine with `batch` slots and a 32k-token context would fix them
+    splits = default_splits(32768 // page, batch, HKV)
+
+    def ours(q, k, v, t, n, s=None):  # a decode step: one query at position n - 1
+        return paged_attention(q, k, v, 0, t, n - 1, n, kv4_scales=s, splits=splits, **kernel)
+
+    kv4 = jax.jit(lambda q, k, v, t, n, s: ours(q, k, v, t, n, s))
+    b16 = jax.jit(lambda q, k, v, t, n: ours(q, k, v, t, n))
     theirs = None
     if not args.smoke:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from jax.experimental.pallas.ops.gpu import paged_attention as jpa
-        theirs = jax.jit(lambda q, k, v, t, n: jpa.paged_attention(q, k, v, t, n,
+        theirs = jax.jit(lambda q, k, v, t, n: jpa.paged_attention(q[:, 0], k, v, t, n,
                                                                    pages_per_compute_block=4))
     rows = []
     print("| ctx | KV4 us | bf16 us | jax bf16 us | bf16/KV4 | KV4 GB/s | bf16 GB/s |")

@@ -7,8 +7,7 @@ a GPU, XLA elsewhere) and ``interpret=True`` (run the Pallas kernel on CPU).
 from pallas_kernels.packing import (CHUNK, PROTECTIVE_RANGE, FormatError, W4Group, W4PerChannel,
                                     dequantize, group_size_for, pack_uint4, quantize_group,
                                     quantize_per_channel, unpack_uint4)
-from pallas_kernels.paged_attention import paged_decode_attention
-from pallas_kernels.prefill_attention import prefill_attention
+from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rmsnorm_quantize,
                                      silu_mul_quantize)
 from pallas_kernels.w4a8_matmul import GEMM_CONFIGS, GemmConfig, w4a8_matmul
@@ -16,6 +15,6 @@ from pallas_kernels.w4a8_matmul import GEMM_CONFIGS, GemmConfig, w4a8_matmul
 __all__ = [
     "CHUNK", "PROTECTIVE_RANGE", "FormatError", "W4Group", "W4PerChannel", "dequantize",
     "group_size_for", "pack_uint4", "quantize_group", "quantize_per_channel", "unpack_uint4",
-    "paged_decode_attention", "prefill_attention", "QuantizedActivation", "quantize_per_token",
+    "paged_attention", "QuantizedActivation", "quantize_per_token",
     "rmsnorm_quantize", "silu_mul_quantize", "GEMM_CONFIGS", "GemmConfig", "w4a8_matmul",
 ]

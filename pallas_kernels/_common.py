@@ -60,3 +60,24 @@ def use_pallas(backend: str, interpret: bool) -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def fixed_order_sum(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """Sum along `axis` in one fixed order: zero-pad to a power of two, then add halves.
+
+    XLA:CPU picks a reduction strategy by shape (how many rows, how long), so ``jnp.sum`` of a
+    row can differ in its last bit with the batch around it, and a quantized model amplifies
+    that bit through its INT8 rounding. Adding halves is elementwise arithmetic, which every
+    backend evaluates the same way for each element whatever the shape: a row's sum depends on
+    that row alone. This is what keeps a request's greedy tokens independent of its batch.
+    """
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    width = next_power_of_2(n)
+    if width != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    out = x[..., 0]
+    return jnp.expand_dims(out, axis) if keepdims else out

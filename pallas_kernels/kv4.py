@@ -77,15 +77,6 @@ def _rope_f32(k, cos, sin):
     return jnp.concatenate([lo, hi], axis=-1)
 
 
-def kv4_roundtrip(k, v, cos, sin, dtype):
-    """What the KV4 cache holds for these tokens, dequantized: (k_hat, v_hat) [B, T, H, D].
-
-    The same quantization as the write, so attention over these equals attention over the
-    cache; perplexity uses it to run prefill through the real KV4 numerics."""
-    k_hat = dequantize_kv4(*quantize_kv4(_rope_f32(k, cos, sin)), dtype)
-    return k_hat, dequantize_kv4(*quantize_kv4(v), dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # XLA reference
 

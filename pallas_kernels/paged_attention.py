@@ -1,18 +1,29 @@
-"""Decode attention over a paged KV cache (16-bit or KV4): one query token per sequence.
+"""Attention over a paged KV cache (16-bit or KV4), for decode steps and prefill chunks alike.
 
-Pools hold every layer (``[L, num_pages, Hkv, page_size, D]`` for 16 bits; the KV4 layout is in
-kv4.py); the layer index is an input, so no per-layer copy of a pool is ever made. Sequence b
-owns pages ``page_table[b, :]`` (int32) and its first ``lengths[b]`` tokens are valid.
+Sequence b owns pages ``page_table[b, :]`` (int32) of every layer's pool (``[L, num_pages, Hkv,
+page_size, D]`` for 16 bits; the KV4 layout is in kv4.py); the layer index is an input, so no
+per-layer copy of a pool is ever made. Its ``Q`` query tokens sit at positions
+``start[b] + i``; query i attends to the cached keys at positions ``j <= start[b] + i`` with
+``j < kv_lens[b]``. A decode step is ``Q = 1`` (start = the token's position); a chunk of a long
+prompt is ``Q = chunk`` and sees the pages earlier chunks wrote, so prefill memory is bounded by
+the chunk, not the prompt. The K/V of the tokens being processed are written to the cache
+before attention reads it, so every query sees keys exactly as the cache stores them (KV4:
+quantized), in prefill as in decode.
 
-Kernel (Pallas, Triton backend), grid (B, Hkv, splits):
-- one program handles every query head of one KV group (GQA), padded to at least 16 rows for
-  the tensor-core dot, so the group's pages are read once for all of its query heads;
-- it walks its share of the sequence's pages (a split along the sequence: long contexts get
-  B * Hkv * splits programs), dequantizing each KV4 page tile in registers, with scores and the
-  online softmax in fp32 and the dots in the query's 16-bit type;
-- the head is processed as two halves (channels d and d + D/2, the KV4 nibble pairing), so
-  nothing is concatenated in-kernel; partial outputs (o, m, l) per split are combined by a
-  short XLA reduction.
+Kernel (Pallas, Triton backend), grid (B, Hkv, row blocks, splits): the query rows of one KV
+group are (query, head) pairs, ``row = query * g + head``; a program takes a block of rows (for a
+decode step, the whole GQA group padded to 16 rows for the tensor-core dot) and walks the pages
+up to its last row's position, dequantizing KV4 tiles in registers, scores and the online
+softmax in fp32. Channels d and d + D/2 are handled as two halves (the KV4 nibble pairing), so
+nothing is concatenated in-kernel. A long decode context can be split along its pages; the
+split of a sequence depends on its own length and the fixed ``splits`` only, and the partials
+are combined in a fixed order, so a row's result never depends on the rest of the batch.
+
+XLA reference (every backend but a GPU): the same blocked online softmax, in blocks of
+``block_tokens`` keys with a dynamic trip count, so its memory is O(Q x block), never
+O(Q x context). Every dot has the same per-matrix shape whatever the batch (rows of a fixed
+number of queries, batched over (sequence, head, query tile)) and sums use a fixed order, so a
+row's result is bit-identical alone or in any batch: what makes generation batch-invariant.
 """
 
 from __future__ import annotations
@@ -25,63 +36,134 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import next_power_of_2, use_pallas
+from pallas_kernels._common import fixed_order_sum, next_power_of_2, use_pallas
 from pallas_kernels.kv4 import dequantize_kv4
 
 _NEG_INF = float("-inf")
+# Queries per dot in the XLA reference: a fixed per-matrix shape keeps rows batch-invariant.
+_QUERY_TILE = 16
+
+
+def _check(q, k_pool, page_table, start, kv_lens):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, queries, heads, head_dim], got shape {q.shape}")
+    b, _, hq, d = q.shape
+    hkv = k_pool.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if page_table.shape[0] != b or start.shape != (b,) or kv_lens.shape != (b,):
+        raise ValueError(f"page_table {page_table.shape}, start {start.shape} and kv_lens "
+                         f"{kv_lens.shape} must all have the batch size {b} first")
+    if d % 2:
+        raise ValueError(f"head_dim must be even, got {d}")
 
 
 # ----------------------------------------------------------------------------------------------
 # XLA reference
 
 
-def _gather_pages(pool, layer, page_table):
-    """pool [L, N, Hkv, P, ...] -> [B, Hkv, maxp * P, ...] for each sequence's pages."""
-    x = pool[layer, page_table]  # [B, maxp, Hkv, P, ...]
-    x = jnp.moveaxis(x, 2, 1)  # [B, Hkv, maxp, P, ...]
-    return x.reshape(x.shape[0], x.shape[1], -1, *x.shape[4:])
+def _query_tile(nq: int) -> int:
+    for t in (_QUERY_TILE, 8, 4, 2, 1):
+        if nq % t == 0:
+            return t
+    return 1
 
 
-def paged_decode_attention_xla(q, k_pool, v_pool, layer, page_table, lengths, *, scale=None,
-                               kv4_scales=None):
-    """q [B, Hq, D]; 16-bit pools [L, N, Hkv, P, D], or KV4 codes with
-    kv4_scales = (k_scale, k_zero, v_scale, v_zero); -> [B, Hq, D] in q's dtype."""
-    b, hq, d = q.shape
-    hkv = k_pool.shape[2]
+def _block_pages(page_size: int, block_tokens: int) -> int:
+    return max(1, block_tokens // page_size)
+
+
+def paged_attention_xla(q, k_pool, v_pool, layer, page_table, start, kv_lens, *, scale=None,
+                        kv4_scales=None, block_tokens: int = 256):
+    """q [B, Q, Hq, D]; 16-bit pools [L, N, Hkv, P, D], or KV4 codes with
+    kv4_scales = (k_scale, k_zero, v_scale, v_zero); -> [B, Q, Hq, D] in q's dtype."""
+    _check(q, k_pool, page_table, start, kv_lens)
+    b, nq, hq, d = q.shape
+    hkv, page_size = k_pool.shape[2], k_pool.shape[3]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    if kv4_scales is None:
-        k = _gather_pages(k_pool, layer, page_table).astype(q.dtype)
-        v = _gather_pages(v_pool, layer, page_table).astype(q.dtype)
-    else:
-        ks, kz, vs, vz = (_gather_pages(a, layer, page_table) for a in kv4_scales)
-        k = dequantize_kv4(_gather_pages(k_pool, layer, page_table), ks, kz, q.dtype)
-        v = dequantize_kv4(_gather_pages(v_pool, layer, page_table), vs, vz, q.dtype)
-    qg = q.reshape(b, hkv, g, d)
-    s = jnp.einsum("bhgd,bhsd->bhgs", qg, k, preferred_element_type=jnp.float32) * scale
-    valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]
-    s = jnp.where(valid[:, None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhgs,bhsd->bhgd", p.astype(q.dtype), v, preferred_element_type=jnp.float32)
-    return o.reshape(b, hq, d).astype(q.dtype)
+    tile = _query_tile(nq)
+    n_tiles = nq // tile
+    rows = tile * g
+    # [B, Hkv, tiles, rows, D], row r of tile t = query t * tile + r // g, head r % g of the group
+    qt = q.reshape(b, n_tiles, tile, hkv, g, d).transpose(0, 3, 1, 2, 4, 5)
+    qt = qt.reshape(b, hkv, n_tiles, rows, d)
+    q_pos = (start[:, None, None] + jnp.arange(n_tiles)[None, :, None] * tile
+             + jnp.arange(rows)[None, None, :] // g)  # [B, tiles, rows]
+    q_pos = q_pos[:, None]  # broadcast over KV heads
+
+    bp = _block_pages(page_size, block_tokens)
+    width = bp * page_size
+    max_pages = page_table.shape[1]
+    padded = -(-max_pages // bp) * bp
+    table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, padded - max_pages)))
+    kv4 = kv4_scales is not None
+
+    def block(pool, j):
+        """[B, Hkv, width, ...] of every sequence's j-th block of pages."""
+        cols = lax.dynamic_slice_in_dim(table, j * bp, bp, axis=1)  # [B, bp]
+        x = pool[layer, cols]  # [B, bp, Hkv, P, ...]
+        x = jnp.moveaxis(x, 2, 1)
+        return x.reshape(b, hkv, width, *x.shape[4:])
+
+    def kv_block(j):
+        if not kv4:
+            return block(k_pool, j).astype(q.dtype), block(v_pool, j).astype(q.dtype)
+        ks, kz, vs, vz = (block(a, j) for a in kv4_scales)
+        return (dequantize_kv4(block(k_pool, j), ks, kz, q.dtype),
+                dequantize_kv4(block(v_pool, j), vs, vz, q.dtype))
+
+    def body(j, carry):
+        o, m, l = carry
+        k, v = kv_block(j)
+        # broadcast over query tiles: every dot is [rows, D] x [D, width], whatever B and Q
+        kb = jnp.broadcast_to(k[:, :, None], (b, hkv, n_tiles, width, d))
+        vb = jnp.broadcast_to(v[:, :, None], (b, hkv, n_tiles, width, d))
+        s = jnp.einsum("bhtrd,bhtsd->bhtrs", qt, kb, preferred_element_type=jnp.float32) * scale
+        k_pos = j * width + jnp.arange(width)
+        ok = (k_pos <= q_pos[..., None]) & (k_pos < kv_lens[:, None, None, None, None])
+        s = jnp.where(ok, s, _NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen no key yet
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
+        l = l * alpha + fixed_order_sum(p, axis=-1)
+        pv = jnp.einsum("bhtrs,bhtsd->bhtrd", p.astype(q.dtype), vb,
+                        preferred_element_type=jnp.float32)
+        return o * alpha[..., None] + pv, m_new, l
+
+    n_blocks = -(-jnp.max(kv_lens) // width)
+    init = (jnp.zeros((b, hkv, n_tiles, rows, d), jnp.float32),
+            jnp.full((b, hkv, n_tiles, rows), _NEG_INF, jnp.float32),
+            jnp.zeros((b, hkv, n_tiles, rows), jnp.float32))
+    o, _, l = lax.fori_loop(0, n_blocks, body, init)
+    o = o / jnp.where(l > 0, l, 1.0)[..., None]
+    o = o.reshape(b, hkv, n_tiles, tile, g, d).transpose(0, 2, 3, 1, 4, 5)
+    return o.reshape(b, nq, hq, d).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # Pallas kernel
 
 
-def _decode_kernel(q_ref, pt_ref, len_ref, layer_ref, k_ref, v_ref, *rest, kv4: bool,
-                   page_size: int, pages_per_split: int, half: int, sm_scale: float):
+def _kernel(q_ref, pt_ref, start_ref, len_ref, layer_ref, k_ref, v_ref, *rest, kv4: bool,
+            page_size: int, group: int, half: int, splits: int, sm_scale: float):
     k_sz, v_sz = ((rest[0], rest[1]), (rest[2], rest[3])) if kv4 else ((None, None), (None, None))
     olo_ref, ohi_ref, m_ref, l_ref = rest[-4:]
-    h, split = pl.program_id(1), pl.program_id(2)
-    length, layer = len_ref[0], layer_ref[0]
+    h, row_block, split = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    start, length, layer = start_ref[0], len_ref[0], layer_ref[0]
     rows = q_ref.shape[0]
     q_lo = q_ref[:, pl.ds(0, half)]
     q_hi = q_ref[:, pl.ds(half, half)]
     dtype = q_lo.dtype
-    first = split * pages_per_split
-    last = jnp.minimum(first + pages_per_split, pl.cdiv(length, page_size))
+    q_pos = start + (row_block * rows + jnp.arange(rows)) // group
+    # pages this block of rows needs, and this split's share of the sequence's pages (a
+    # function of the sequence's own length: the batch never changes a row's reduction order)
+    last_pos = start + (row_block * rows + rows - 1) // group
+    n_needed = pl.cdiv(jnp.minimum(length, last_pos + 1), page_size)
+    per_split = pl.cdiv(pl.cdiv(length, page_size), splits)
+    first = split * per_split
+    last = jnp.minimum(first + per_split, n_needed)
 
     def tile(ref, s_ref, z_ref, page):
         """The (page, head) tile as two [P, D/2] halves in the query dtype."""
@@ -102,11 +184,13 @@ def _decode_kernel(q_ref, pt_ref, len_ref, layer_ref, k_ref, v_ref, *rest, kv4: 
         nt = (((1,), (1,)), ((), ()))
         s = (lax.dot_general(q_lo, k_lo, nt, preferred_element_type=jnp.float32)
              + lax.dot_general(q_hi, k_hi, nt, preferred_element_type=jnp.float32)) * sm_scale
-        pos = i * page_size + jnp.arange(page_size)
-        s = jnp.where((pos < length)[None, :], s, _NEG_INF)
+        k_pos = i * page_size + jnp.arange(page_size)
+        ok = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < length)
+        s = jnp.where(ok, s, _NEG_INF)
         m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
+        m_safe = jnp.where(m_new > _NEG_INF, m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
         l = l * alpha + p.sum(axis=1)
         v_lo, v_hi = tile(v_ref, *v_sz, page)
         pd = p.astype(dtype)
@@ -123,68 +207,83 @@ def _decode_kernel(q_ref, pt_ref, len_ref, layer_ref, k_ref, v_ref, *rest, kv4: 
     l_ref[...] = l
 
 
-def default_splits(max_pages: int, batch: int, kv_heads: int, target_programs: int = 264) -> int:
-    """Enough splits along the sequence to give the GPU ~2 programs per SM, and no more."""
+def default_splits(max_pages: int, max_batch: int, kv_heads: int,
+                   target_programs: int = 264) -> int:
+    """Splits along a decode context: enough for ~2 programs per SM (H100: 132) at the largest
+    batch a caller runs. A caller fixes it once (an engine per its slot count), never per batch:
+    a row's reduction order must not depend on how many other rows share its step."""
     splits = 1
-    while (batch * kv_heads * splits < target_programs and splits * 2 <= max_pages):
+    while max_batch * kv_heads * splits < target_programs and splits * 2 <= max_pages:
         splits *= 2
     return splits
 
 
-def paged_decode_attention_pallas(q, k_pool, v_pool, layer, page_table, lengths, *, scale=None,
-                                  kv4_scales=None, splits: int | None = None,
-                                  num_warps: int = 4, interpret: bool = False):
-    b, hq, d = q.shape
+def paged_attention_pallas(q, k_pool, v_pool, layer, page_table, start, kv_lens, *, scale=None,
+                           kv4_scales=None, splits: int = 1, block_rows: int = 64,
+                           num_warps: int = 4, interpret: bool = False):
+    _check(q, k_pool, page_table, start, kv_lens)
+    b, nq, hq, d = q.shape
     hkv, page_size = k_pool.shape[2], k_pool.shape[3]
     g = hq // hkv
     half = d // 2
     max_pages = page_table.shape[1]
-    splits = splits or default_splits(max_pages, b, hkv)
-    pages_per_split = pl.cdiv(max_pages, splits)
-    rows = max(16, next_power_of_2(g))  # tensor-core dots need >= 16 rows
-    qg = q.reshape(b, hkv, g, d)
-    if rows != g:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+    n_rows = nq * g
+    # >= 16 rows for the tensor-core dot; a decode step's GQA group is one block
+    rows = max(16, min(block_rows, next_power_of_2(n_rows)))
+    row_blocks = pl.cdiv(n_rows, rows)
+    qr = q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, n_rows, d)
+    if row_blocks * rows != n_rows:
+        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, row_blocks * rows - n_rows), (0, 0)))
     whole = pl.BlockSpec(memory_space=pl.ANY)
     kv4 = kv4_scales is not None
     pools = (k_pool, v_pool) + (tuple(kv4_scales) if kv4 else ())
-    part = pl.BlockSpec((None, None, None, rows, half), lambda i, h, s: (i, h, s, 0, 0))
-    stat = pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, h, s, 0))
+    part = pl.BlockSpec((None, None, None, rows, half), lambda i, h, r, s: (i, h, s, r, 0))
+    stat = pl.BlockSpec((None, None, None, rows), lambda i, h, r, s: (i, h, s, r))
+    per_seq = pl.BlockSpec((1,), lambda i, h, r, s: (i,))
     kernel = functools.partial(
-        _decode_kernel, kv4=kv4, page_size=page_size, pages_per_split=pages_per_split,
-        half=half, sm_scale=d ** -0.5 if scale is None else scale)
+        _kernel, kv4=kv4, page_size=page_size, group=g, half=half, splits=splits,
+        sm_scale=d ** -0.5 if scale is None else scale)
+    padded_rows = row_blocks * rows
     o_lo, o_hi, m, l = pl.pallas_call(
         kernel,
-        grid=(b, hkv, splits),
-        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0)),
-                  pl.BlockSpec((None, max_pages), lambda i, h, s: (i, 0)),
-                  pl.BlockSpec((1,), lambda i, h, s: (i,)),
-                  pl.BlockSpec((1,), lambda i, h, s: (0,))] + [whole] * len(pools),
+        grid=(b, hkv, row_blocks, splits),
+        in_specs=[pl.BlockSpec((None, None, rows, d), lambda i, h, r, s: (i, h, r, 0)),
+                  pl.BlockSpec((None, max_pages), lambda i, h, r, s: (i, 0)),
+                  per_seq, per_seq,
+                  pl.BlockSpec((1,), lambda i, h, r, s: (0,))] + [whole] * len(pools),
         out_specs=[part, part, stat, stat],
-        out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, rows, half), jnp.float32)] * 2
-                  + [jax.ShapeDtypeStruct((b, hkv, splits, rows), jnp.float32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, splits, padded_rows, half), jnp.float32)] * 2
+                  + [jax.ShapeDtypeStruct((b, hkv, splits, padded_rows), jnp.float32)] * 2,
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
-        name="paged_decode_attention_kv4" if kv4 else "paged_decode_attention",
-    )(qg, page_table.astype(jnp.int32), lengths.astype(jnp.int32),
+        name="paged_attention_kv4" if kv4 else "paged_attention",
+    )(qr, page_table.astype(jnp.int32), start.astype(jnp.int32), kv_lens.astype(jnp.int32),
       jnp.reshape(layer, (1,)).astype(jnp.int32), *pools)
-    # Combine the splits: rescale each partial by exp(m_split - m_max).
+    o = _combine_splits(jnp.concatenate([o_lo, o_hi], axis=-1), m, l)  # [B, Hkv, R, D]
+    o = o[:, :, :n_rows].reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, nq, hq, d).astype(q.dtype)
+
+
+def _combine_splits(o, m, l):
+    """Partials o [B, Hkv, S, R, D], m/l [B, Hkv, S, R] -> [B, Hkv, R, D], in a fixed order."""
     m_max = m.max(axis=2, keepdims=True)
-    w = jnp.where(jnp.isfinite(m), jnp.exp(m - m_max), 0.0)  # empty splits weigh nothing
-    denom = (w * l).sum(axis=2)[..., None]
-    o = jnp.concatenate([(w[..., None] * o_lo).sum(axis=2), (w[..., None] * o_hi).sum(axis=2)],
-                        axis=-1) / denom
-    return o[:, :, :g].reshape(b, hq, d).astype(q.dtype)
+    w = jnp.where(m > _NEG_INF, jnp.exp(m - jnp.where(m_max > _NEG_INF, m_max, 0.0)), 0.0)
+    denom = fixed_order_sum(w * l, axis=2)
+    num = fixed_order_sum(w[..., None] * o, axis=2)
+    return num / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
-def paged_decode_attention(q, k_pool, v_pool, layer, page_table, lengths, *, scale=None,
-                           kv4_scales=None, splits: int | None = None, backend: str = "auto",
-                           interpret: bool = False) -> jax.Array:
-    """Public entry point: 16-bit pools, or KV4 pools with kv4_scales=(ks, kz, vs, vz)."""
+def paged_attention(q, k_pool, v_pool, layer, page_table, start, kv_lens, *, scale=None,
+                    kv4_scales=None, splits: int = 1, backend: str = "auto",
+                    interpret: bool = False) -> jax.Array:
+    """Public entry point: 16-bit pools, or KV4 pools with kv4_scales=(ks, kz, vs, vz).
+
+    q [B, Q, Hq, D]; page_table [B, max_pages] int32; start, kv_lens [B] int32 (see the module
+    docstring). ``splits`` splits long decode contexts on a GPU (the XLA path ignores it).
+    """
     if use_pallas(backend, interpret):
-        return paged_decode_attention_pallas(q, k_pool, v_pool, layer, page_table, lengths,
-                                             scale=scale, kv4_scales=kv4_scales, splits=splits,
-                                             interpret=interpret)
-    return paged_decode_attention_xla(q, k_pool, v_pool, layer, page_table, lengths,
-                                      scale=scale, kv4_scales=kv4_scales)
-
+        return paged_attention_pallas(q, k_pool, v_pool, layer, page_table, start, kv_lens,
+                                      scale=scale, kv4_scales=kv4_scales, splits=splits,
+                                      interpret=interpret)
+    return paged_attention_xla(q, k_pool, v_pool, layer, page_table, start, kv_lens,
+                               scale=scale, kv4_scales=kv4_scales)

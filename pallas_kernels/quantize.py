@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import next_power_of_2, round_half_even, use_pallas
+from pallas_kernels._common import fixed_order_sum, next_power_of_2, round_half_even, use_pallas
 
 _MAX_BLOCK = 4096
 
@@ -50,7 +50,8 @@ def _prologue_xla(mode: str, a: jax.Array, b: jax.Array | None, eps: float) -> j
     if mode == "plain":
         return a
     if mode == "rmsnorm":
-        rstd = lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + eps)
+        mean_sq = fixed_order_sum(a * a, axis=-1, keepdims=True) / a.shape[-1]
+        rstd = lax.rsqrt(mean_sq + eps)
         return a * rstd * b.astype(jnp.float32)
     if mode == "silu_mul":
         return jax.nn.sigmoid(a) * a * b.astype(jnp.float32)
@@ -62,7 +63,7 @@ def _quantize_rows_xla(v: jax.Array, with_sum: bool) -> QuantizedActivation:
     inv = jnp.where(amax > 0, 127.0 / amax, 0.0)
     q = jnp.clip(round_half_even(v * inv[:, None]), -127, 127).astype(jnp.int8)
     scale = (amax / 127.0).astype(jnp.float16)
-    return QuantizedActivation(q, scale, jnp.sum(v, axis=-1) if with_sum else None)
+    return QuantizedActivation(q, scale, fixed_order_sum(v, axis=-1) if with_sum else None)
 
 
 def _xla(mode, a, b, eps, with_sum):

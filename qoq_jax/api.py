@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.engine import Engine, GenerationResult
+from qoq_jax.engine import Engine
 from qoq_jax.sampling import SamplingParams
+from qoq_jax.text import TextRequest
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -42,7 +44,9 @@ class Completion:
     prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: str  # "stop" (a stop token or string), "length", "abort" or "error"
+    logprobs: list[dict] | None = None
+    error: str | None = None
 
 
 class LLM:
@@ -56,29 +60,98 @@ class LLM:
         self.engine = Engine(model, **engine_kwargs)
 
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise ValueError(f"the tokenizer of {self.source} has no chat template")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
+            return self.encode_chat([{"role": "user", "content": prompt}])
         return [int(i) for i in self.tokenizer.encode(prompt, add_special_tokens=True)]
 
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the reply."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.source} has no chat template")
+        try:
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                     tokenize=True)
+        except Exception as e:  # noqa: BLE001 - jinja errors of a broken template
+            raise ValueError(f"the chat template of {self.source} failed: "
+                             f"{type(e).__name__}: {e}") from None
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
     def generate(self, prompts: str | Sequence[str], *, chat: bool = False,
+                 stop: Sequence[str] = (),
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  **sampling) -> list[Completion]:
-        """Generate for one prompt or a batch. Keyword arguments are SamplingParams fields."""
+        """Generate for one prompt or a batch (all submitted at once, in-flight batched).
+
+        Keyword arguments are SamplingParams fields (or give `params`, one per prompt);
+        `stop` lists strings that end a completion (not included in its text)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        params = SamplingParams(**sampling)
+        if params is None:
+            params = SamplingParams(**sampling)
+        elif sampling:
+            raise ValueError("give sampling keywords or params, not both")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
         ids = [self.encode(p, chat=chat) for p in prompts]
-        results = self.engine.generate(ids, params)
-        return [self._completion(p, r) for p, r in zip(prompts, results)]
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            try:
+                self.engine.check_request(p, sp)
+            except ValueError as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        texts = [TextRequest(self.tokenizer, p, stop) for p in ids]
+        rids = [self.engine.submit(p, sp, callback=self._on_event(t))
+                for p, sp, t in zip(ids, params, texts)]
+        self.engine.run(lambda: all(self.engine.finished(r) for r in rids))
+        out = []
+        for prompt, rid, t in zip(prompts, rids, texts):
+            r = self.engine.result(rid)
+            self.engine.release(rid)
+            t.finish()
+            reason = "stop" if t.stopped else r.finish_reason
+            lps = r.logprobs[:len(t.token_ids)] if r.logprobs is not None else None
+            out.append(Completion(prompt, t.text, list(t.token_ids), reason, lps, r.error))
+        return out
 
-    def _completion(self, prompt: str, r: GenerationResult) -> Completion:
-        return Completion(prompt, self.tokenizer.decode(r.tokens, skip_special_tokens=True),
-                          r.tokens, r.finish_reason)
+    def _on_event(self, text: TextRequest):
+        def callback(ev):
+            if text.stopped:
+                return
+            text.feed(ev.token_ids)
+            if text.stopped and not ev.finished:
+                self.engine.cancel(ev.request_id, "stop")
+        return callback
+
+    def stream(self, prompt: str, *, chat: bool = False, stop: Sequence[str] = (),
+               params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+        """Generate one completion, yielding its text as it is produced."""
+        if params is None:
+            params = SamplingParams(**sampling)
+        elif sampling:
+            raise ValueError("give sampling keywords or params, not both")
+        ids = self.encode(prompt, chat=chat)
+        text = TextRequest(self.tokenizer, ids, stop)
+        for ev in self.engine.stream(ids, params):
+            delta, _ = text.feed(ev.token_ids)
+            if text.stopped:
+                yield delta + text.finish()
+                return
+            if ev.finished:
+                if ev.finish_reason == "error":
+                    raise RuntimeError(ev.error)
+                yield delta + text.finish()
+                return
+            if delta:
+                yield delta
+
+    def score(self, token_ids: Sequence[int], *, seq_len: int, **kw):
+        """Log-probabilities of every next token, in windows of seq_len (see Engine.score)."""
+        n = len(token_ids) // seq_len
+        windows = np.asarray(token_ids[:n * seq_len], np.int32).reshape(n, seq_len)
+        return self.engine.score(windows, **kw)
 
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,

@@ -8,9 +8,9 @@ as scratch: writes for padding positions and finished sequences are sent there, 
 batch never touches another sequence's pages.
 
 Both cache classes have the same interface, which is all the model sees:
-``write(layer, k, v, cos, sin, page, slot)`` (k before RoPE),
-``decode_attention(q, layer, page_table, lengths)``, and ``stored_kv(k, v, cos, sin)`` (what the
-cache holds for new tokens, for a prefill that must see the cache's numerics).
+``write(layer, k, v, cos, sin, page, slot)`` (k before RoPE) and
+``attention(q, layer, page_table, start, kv_lens, splits)`` (queries of a decode step or of a
+prefill chunk, over every key the cache holds for their sequence).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.kv4 import kv4_roundtrip, kv4_write
-from pallas_kernels.paged_attention import paged_decode_attention
+from pallas_kernels.kv4 import kv4_write
+from pallas_kernels.paged_attention import paged_attention
 from qoq_jax.layers import apply_rope
 
 SCRATCH_PAGE = 0
@@ -64,12 +64,13 @@ class PagedKVCache(_PagePools):
         return PagedKVCache(self.k.at[at].set(k.astype(self.k.dtype)),
                             self.v.at[at].set(v.astype(self.v.dtype)))
 
-    def decode_attention(self, q, layer, page_table, lengths):
-        return paged_decode_attention(q, self.k, self.v, layer, page_table, lengths)
+    def attention(self, q, layer, page_table, start, kv_lens, splits: int = 1):
+        return paged_attention(q, self.k, self.v, layer, page_table, start, kv_lens,
+                               splits=splits)
 
-    def stored_kv(self, k, v, cos, sin):
-        """(k, v) as this cache stores them (k before RoPE in; roped, in the cache dtype out)."""
-        return apply_rope(k, cos, sin).astype(self.k.dtype), v.astype(self.v.dtype)
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
 
 
 @jax.tree_util.register_dataclass
@@ -102,22 +103,27 @@ class PagedKV4Cache(_PagePools):
         """Fused RoPE + KV4 quantization + paged write (one kernel on a GPU)."""
         return PagedKV4Cache(*kv4_write(self._pools(), layer, k, v, cos, sin, page, slot))
 
-    def decode_attention(self, q, layer, page_table, lengths):
-        return paged_decode_attention(q, self.k, self.v, layer, page_table, lengths,
-                                      kv4_scales=(self.k_scale, self.k_zero, self.v_scale,
-                                                  self.v_zero))
+    def attention(self, q, layer, page_table, start, kv_lens, splits: int = 1):
+        return paged_attention(q, self.k, self.v, layer, page_table, start, kv_lens,
+                               kv4_scales=(self.k_scale, self.k_zero, self.v_scale, self.v_zero),
+                               splits=splits)
 
-    def stored_kv(self, k, v, cos, sin):
-        """(k, v) as this cache stores them: roped, quantized to KV4 and dequantized."""
-        return kv4_roundtrip(k, v, cos, sin, k.dtype)
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=None) -> int:
+        del dtype  # codes: D/2 bytes; scale and zero: 2 bytes each, for K and for V
+        return 2 * num_layers * num_kv_heads * (head_dim // 2 + 4)
+
+
+def cache_class(kind: str) -> type:
+    if kind not in KV_CACHE_KINDS:
+        raise ValueError(f"KV cache kind must be one of {KV_CACHE_KINDS}, not {kind!r}")
+    return PagedKV4Cache if kind == "kv4" else PagedKVCache
 
 
 def make_cache(kind: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
                head_dim: int, dtype):
-    if kind not in KV_CACHE_KINDS:
-        raise ValueError(f"KV cache kind must be one of {KV_CACHE_KINDS}, not {kind!r}")
-    cls = PagedKV4Cache if kind == "kv4" else PagedKVCache
-    return cls.zeros(num_layers, num_pages, page_size, num_kv_heads, head_dim, dtype)
+    return cache_class(kind).zeros(num_layers, num_pages, page_size, num_kv_heads, head_dim,
+                                   dtype)
 
 
 def slot_indices(page_table: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -149,6 +155,15 @@ class PageAllocator:
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - 1 - len(self._free)
+
+    @property
+    def owners(self):
+        """The sequence ids that own pages (a live view)."""
+        return self._owned.keys()
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)

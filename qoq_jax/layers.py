@@ -15,10 +15,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels._common import fixed_order_sum
 from pallas_kernels.packing import W4Group, W4PerChannel, group_size_for
 from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rmsnorm_quantize,
                                      silu_mul_quantize)
 from pallas_kernels.w4a8_matmul import w4a8_matmul
+
+
+# Rows per dot of the float matmuls on CPU (see rowwise_matmul).
+ROW_TILE = 16
+
+
+def rowwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] times w [N, K] transposed, fp32 accumulation -> [..., N] float32.
+
+    On CPU, XLA picks a different dot kernel (and summation order) by the number of rows, so a
+    row's result would change in its last bits with the batch around it. There the rows go
+    through dots of a fixed ROW_TILE rows each (padded, looped), so every row is computed the
+    same way in a decode step of 3 sequences or a prefill chunk of 512 tokens: the float path
+    of batch invariance. Elsewhere it is one plain dot.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    m = rows.shape[0]
+
+    def dot(a):
+        return jnp.einsum("mk,nk->mn", a, w, preferred_element_type=jnp.float32)
+
+    if jax.default_backend() != "cpu":
+        return dot(rows).reshape(*lead, w.shape[0])
+    tiles = -(-m // ROW_TILE)
+    rows = jnp.pad(rows, ((0, tiles * ROW_TILE - m), (0, 0)))
+    if tiles == 1:
+        y = dot(rows)
+    else:
+        y = jax.lax.map(dot, rows.reshape(tiles, ROW_TILE, k)).reshape(tiles * ROW_TILE, -1)
+    return y[:m].reshape(*lead, w.shape[0])
 
 
 class Linear(nnx.Module):
@@ -31,8 +63,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weight[...]
-        y = jnp.einsum("...k,nk->...n", x.astype(w.dtype), w,
-                       preferred_element_type=jnp.float32)
+        y = rowwise_matmul(x.astype(w.dtype), w)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(w.dtype)
@@ -126,7 +157,8 @@ class RMSNorm(nnx.Module):
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    mean_sq = fixed_order_sum(xf * xf, axis=-1, keepdims=True) / xf.shape[-1]
+    xf = xf * jax.lax.rsqrt(mean_sq + eps)
     return weight * xf.astype(x.dtype)
 
 
@@ -140,8 +172,7 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied lm_head: logits = x Eᵀ, in fp32."""
         w = self.weight[...]
-        return jnp.einsum("...d,vd->...v", x.astype(w.dtype), w,
-                          preferred_element_type=jnp.float32)
+        return rowwise_matmul(x.astype(w.dtype), w)
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:

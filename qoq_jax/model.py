@@ -4,13 +4,19 @@ The modules hold the weights, named after Hugging Face's so that loading is a me
 mapping; the decoder layers are created once with a leading layer axis (``nnx.vmap``) and run
 with ``lax.scan``, so a 30- or 80-layer model compiles as one layer. Two free functions run it:
 
-- ``prefill``: a padded batch of prompts; writes every valid position's K/V into the paged cache
-  and attends over the fresh 16-bit q/k/v (as QServe does), returns the last valid logits.
-- ``decode_step``: one token per sequence; writes its K/V and attends over the cache.
+- ``forward``: a chunk of tokens per sequence at given positions; writes their K/V into the
+  paged cache and attends over everything the cache holds for the sequence up to each query.
+  A decode step is a chunk of one token; a long prompt is several chunks, so prefill memory is
+  bounded by the chunk, not the prompt.
+- ``prefill`` (whole prompts from position 0) and ``decode_step`` (one token per sequence) are
+  the two common uses of it.
 
 The cache is a ``PagedKVCache`` (16-bit) or a ``PagedKV4Cache`` (QServe's 4-bit KV); the model
-only calls its ``write`` and ``decode_attention``. Attention and cache writes go through
-``pallas_kernels`` (XLA reference on CPU, Pallas on GPU).
+only calls its ``write`` and ``attention``. Attention and cache writes go through
+``pallas_kernels`` (XLA reference on CPU, Pallas on GPU). Unlike QServe, prefill attends over
+K/V as the cache stores them (KV4: quantized), not over the fresh 16-bit values: a token is then
+computed the same way in a prompt, a later chunk or a decode step, which chunked prefill and
+recompute preemption need.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.prefill_attention import prefill_attention
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.hf import CheckpointError
 from qoq_jax.kv_cache import slot_indices
@@ -78,8 +83,8 @@ class Transformer(nnx.Module):
 
 def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, layer_idx,
                    page, slot, attend):
-    """One decoder layer. `attend(q_rot, k, v, cache, layer_idx, cos, sin)` is prefill or decode
-    attention (k before RoPE: prefill ropes it for the fresh-k/v attention, decode reads the cache)."""
+    """One decoder layer: write this step's K/V into the cache, then attend over the cache
+    (`attend(q_rot, cache, layer_idx)`), then the MLP."""
     b, t, _ = x.shape
     attn = layer.self_attn
     h = norm_input(layer.input_layernorm, x, attn.q_proj)  # float, or INT8 for W4A8 layers
@@ -87,7 +92,7 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
     k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
-    o = attend(apply_rope(q, cos, sin), k, v, cache, layer_idx, cos, sin)
+    o = attend(apply_rope(q, cos, sin), cache, layer_idx)
     x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim))
     x = x + layer.mlp(norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj))
     return x, cache
@@ -109,25 +114,24 @@ def _run_layers(model: Transformer, x, positions, valid, cache, page_table, atte
     return x, cache
 
 
-def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
-            page_table: jax.Array, *, all_logits: bool = False, attend_stored_kv: bool = False):
-    """A right-padded batch of prompts tokens [B, T] with lengths [B].
+def forward(model: Transformer, tokens: jax.Array, start: jax.Array, lengths: jax.Array, cache,
+            page_table: jax.Array, *, splits: int = 1, all_logits: bool = False):
+    """The one forward pass: a chunk of tokens [B, Q] per sequence, at positions start[b] + i.
 
-    Returns (logits, cache): logits [B, V] at each prompt's last token, or [B, T, V] with
-    all_logits. Positions past a prompt's length write to the scratch page only.
-    Attention runs over the fresh 16-bit k/v (as QServe's prefill), or with attend_stored_kv
-    over k/v exactly as the cache stores them (KV4: quantized), which is how perplexity
-    measures the KV4 cache's effect.
+    The first lengths[b] tokens of a row are real (the rest pad the chunk and write to the
+    scratch page only). Their K/V are written to the cache, then every query attends over all
+    the keys its sequence has in the cache up to its own position: the pages earlier chunks
+    or steps wrote, and this chunk's. A decode step is Q = 1 (lengths 0 for idle rows); a
+    prompt is one or more chunks. Returns (logits, cache): logits [B, V] at each row's last real
+    token, or [B, Q, V] with all_logits. `splits` splits long decode contexts on a GPU.
     """
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid = positions < lengths[:, None]
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(t)[None, :] < lengths[:, None]
+    kv_lens = start + lengths
 
-    def attend(q, k, v, cache, layer_idx, cos, sin):
-        if attend_stored_kv:
-            k_att, v_att = cache.stored_kv(k, v, cos, sin)
-            return prefill_attention(q, k_att.astype(q.dtype), v_att.astype(q.dtype), lengths)
-        return prefill_attention(q, apply_rope(k, cos, sin), v, lengths)
+    def attend(q, cache, layer_idx):
+        return cache.attention(q, layer_idx, page_table, start, kv_lens, splits)
 
     x = model.embed_tokens(tokens)
     h, cache = _run_layers(model, x, positions, valid, cache, page_table, attend)
@@ -136,19 +140,22 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
     return model.logits(h), cache
 
 
+def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
+            page_table: jax.Array, *, all_logits: bool = False):
+    """Whole prompts in one chunk: tokens [B, T] right-padded, lengths [B] (see forward)."""
+    start = jnp.zeros((tokens.shape[0],), jnp.int32)
+    return forward(model, tokens, start, lengths, cache, page_table, all_logits=all_logits)
+
+
 def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, active: jax.Array,
-                cache, page_table: jax.Array):
+                cache, page_table: jax.Array, *, splits: int = 1):
     """One new token per sequence: tokens, positions, active [B] -> (logits [B, V], cache).
 
     The token at `positions[b]` is written to the cache and attends over positions 0..pos.
-    Inactive sequences (finished, or padding of the batch) write to the scratch page.
+    Inactive rows (idle slots, finished sequences) write to the scratch page only.
     """
-    def attend(q, k, v, cache, layer_idx, cos, sin):
-        return cache.decode_attention(q[:, 0], layer_idx, page_table, positions + 1)[:, None]
-
-    x = model.embed_tokens(tokens[:, None])
-    h, cache = _run_layers(model, x, positions[:, None], active[:, None], cache, page_table, attend)
-    return model.logits(h[:, 0]), cache
+    return forward(model, tokens[:, None], positions, active.astype(jnp.int32), cache,
+                   page_table, splits=splits)
 
 
 # ----------------------------------------------------------------------------------------------

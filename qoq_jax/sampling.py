@@ -8,9 +8,11 @@ else shares its batch: what in-flight batching needs to stay reproducible.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,20 +26,44 @@ class SamplingParams:
     seed: int = 0
     # None: the model's end-of-sequence tokens. An empty tuple never stops early.
     stop_token_ids: tuple[int, ...] | None = None
+    # None: no log-probabilities; 0: the chosen token's; N: also the N most likely tokens'.
+    logprobs: int | None = None
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_float("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        _check_int("top_k", self.top_k, 0)
+        _check_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+            for t in self.stop_token_ids:
+                _check_int("stop_token_ids", t, 0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,

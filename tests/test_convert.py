@@ -70,7 +70,7 @@ def _all_logits(llm, tokens):
                        cfg.head_dim, jnp.float32)
     table = jnp.arange(1, 9, dtype=jnp.int32)[None]
     logits, _ = prefill(model, jnp.asarray([tokens]), jnp.asarray([len(tokens)]), cache, table,
-                        all_logits=True, attend_stored_kv=True)
+                        all_logits=True)
     return np.asarray(logits[0])
 
 

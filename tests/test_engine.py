@@ -1,16 +1,20 @@
-"""The engine on tiny random models: batching, stopping, sampling, and bad prompts."""
+"""The serving engine on tiny random models: in-flight batching, chunked prefill, preemption,
+batch invariance, streaming, cancellation, log-probabilities, compilation and bad requests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import make_tiny_checkpoint
 
 from qoq_jax.config import ModelConfig
-from qoq_jax.engine import Engine, PromptError
+from qoq_jax.engine import COMPILES, Engine, PromptError
 from qoq_jax.hf import SafetensorsCheckpoint
 from qoq_jax.kv_cache import PagedKVCache
 from qoq_jax.model import decode_step, from_hf_weights, prefill
 from qoq_jax.sampling import SamplingParams, sample
+
+GREEDY = SamplingParams(max_new_tokens=11, stop_token_ids=())
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +23,20 @@ def model(tmp_path_factory):
     return from_hf_weights(ModelConfig.from_json(d), SafetensorsCheckpoint(d), jnp.float32)
 
 
+def _engine(model, **kw):
+    kw = {"page_size": 8, "decode_steps": 4, "max_slots": 8, "prefill_chunk": 32,
+          "num_pages": 160, **kw}
+    return Engine(model, **kw)
+
+
 @pytest.fixture(scope="module")
 def engine(model):
-    return Engine(model, page_size=8, decode_chunk=4)
+    return _engine(model)
 
 
-def _prompts(n, seed=0, vocab=100):
+def _prompts(n, seed=0, vocab=100, longest=40):
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, vocab, int(rng.integers(1, 40))).tolist() for _ in range(n)]
+    return [rng.integers(3, vocab, int(rng.integers(1, longest))).tolist() for _ in range(n)]
 
 
 def _reference_greedy(model, prompt, n):
@@ -34,9 +44,9 @@ def _reference_greedy(model, prompt, n):
     toks = list(prompt)
     out = []
     for _ in range(n):
-        cache = PagedKVCache.zeros(model.config.num_layers, 9, 8, model.config.num_kv_heads,
+        cache = PagedKVCache.zeros(model.config.num_layers, 17, 8, model.config.num_kv_heads,
                                    model.config.head_dim, jnp.float32)
-        table = jnp.arange(1, 9, dtype=jnp.int32)[None]
+        table = jnp.arange(1, 17, dtype=jnp.int32)[None]
         logits, _ = prefill(model, jnp.asarray([toks]), jnp.asarray([len(toks)]), cache, table)
         nxt = int(jnp.argmax(logits[0]))
         out.append(nxt)
@@ -52,12 +62,97 @@ def test_greedy_matches_recomputation_without_cache(engine, model):
 
 
 def test_batch_of_different_lengths_equals_each_alone(engine):
-    prompts = _prompts(5, seed=1)
-    params = SamplingParams(max_new_tokens=11, stop_token_ids=())
-    batched = engine.generate(prompts, params)
+    prompts = _prompts(12, seed=1)  # more prompts than slots: later ones join as others end
+    batched = engine.generate(prompts, GREEDY)
     for p, b in zip(prompts, batched):
-        assert b.tokens == engine.generate([p], params)[0].tokens
+        assert b.tokens == engine.generate([p], GREEDY)[0].tokens
         assert len(b.tokens) == 11
+    assert engine.allocator.num_used == 0  # every page came back
+
+
+def test_kv4_batch_equals_each_alone(model):
+    eng = _engine(model, kv_cache="kv4")
+    prompts = _prompts(6, seed=11)
+    params = SamplingParams(max_new_tokens=9, stop_token_ids=())
+    batched = eng.generate(prompts, params)
+    for p, b in zip(prompts, batched):
+        assert b.tokens == eng.generate([p], params)[0].tokens
+
+
+def test_long_prompt_is_prefilled_in_chunks(model):
+    """A 150-token prompt in chunks of 16 (each attending to the pages before it) gives the
+    tokens of one 256-token chunk, and never holds more pages than it needs."""
+    prompt = _prompts(1, seed=21, longest=2)[0] * 150
+    small = _engine(model, prefill_chunk=16)
+    big = _engine(model, prefill_chunk=256)
+    a = small.generate([prompt], GREEDY)[0].tokens
+    assert small.stats["prefill_batches"] == 10  # ceil(150 / 16)
+    assert a == big.generate([prompt], GREEDY)[0].tokens
+
+
+def test_prompts_join_and_leave_while_others_decode(engine):
+    """In-flight batching: requests submitted while others run get the same tokens as alone."""
+    prompts = _prompts(6, seed=8)
+    params = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in (20, 3, 14, 7, 9, 5)]
+    rids = [engine.submit(prompts[0], params[0]), engine.submit(prompts[1], params[1])]
+    for i in range(2, 6):
+        for _ in range(2):
+            engine.step()
+        rids.append(engine.submit(prompts[i], params[i]))
+    engine.run(lambda: all(engine.finished(r) for r in rids))
+    for rid, p, sp in zip(rids, prompts, params):
+        assert engine.result(rid).tokens == engine.generate([p], sp)[0].tokens
+        engine.release(rid)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_preemption_recomputes_and_loses_nothing(model, temperature):
+    """A pool far too small for the load: sequences are preempted and replayed, and every
+    output equals the one from an engine with pages to spare."""
+    prompts = _prompts(8, seed=4, longest=30)
+    params = SamplingParams(max_new_tokens=40, temperature=temperature, seed=9,
+                            stop_token_ids=())
+    roomy = _engine(model).generate(prompts, params)
+    tight = _engine(model, num_pages=14)  # 13 pages of 8 tokens for 8 sequences of up to 70
+    out = tight.generate(prompts, params)
+    assert tight.stats["preemptions"] > 0
+    assert [r.tokens for r in out] == [r.tokens for r in roomy]
+    assert all(len(r.tokens) == 40 for r in out)
+    assert tight.allocator.num_used == 0
+
+
+def test_steady_state_never_compiles(model):
+    """After warm-up, a mixed workload (lengths, batch sizes, greedy and sampled, streaming,
+    cancellation) compiles nothing."""
+    eng = _engine(model, max_slots=4, prefill_chunk=32)
+    eng.warmup()
+    before = COMPILES.count
+    rng = np.random.default_rng(0)
+    for round_ in range(3):
+        n = int(rng.integers(1, 7))
+        prompts = _prompts(n, seed=round_, longest=70)
+        params = [SamplingParams(max_new_tokens=int(rng.integers(1, 12)),
+                                 temperature=float(rng.choice([0.0, 0.7])), seed=i,
+                                 stop_token_ids=()) for i in range(n)]
+        eng.generate(prompts, params)
+    rid = eng.submit(_prompts(1, seed=9)[0], SamplingParams(max_new_tokens=30))
+    eng.step()
+    eng.cancel(rid)
+    eng.run(lambda: eng.finished(rid))
+    list(eng.stream(_prompts(1, seed=10)[0], GREEDY))
+    assert COMPILES.count == before
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine):
+    prompts = _prompts(2, seed=3)
+    a = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=50.0, seed=1,
+                                                stop_token_ids=()))
+    b = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=50.0, seed=1,
+                                                stop_token_ids=()))
+    c = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=50.0, seed=2,
+                                                stop_token_ids=()))
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
 
 
 def test_per_sequence_max_new_tokens(engine):
@@ -77,27 +172,74 @@ def test_stop_token_ends_a_sequence_and_is_kept(engine):
     assert out.finish_reason == "stop"
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent(engine):
-    prompts = _prompts(2, seed=3)
-    a = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=50.0, seed=1,
-                                                stop_token_ids=()))
-    b = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=50.0, seed=1,
-                                                stop_token_ids=()))
-    c = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=50.0, seed=2,
-                                                stop_token_ids=()))
-    assert [r.tokens for r in a] == [r.tokens for r in b]
-    assert [r.tokens for r in a] != [r.tokens for r in c]
+def test_stream_yields_the_tokens_of_generate(engine):
+    prompt = _prompts(1, seed=12)[0]
+    events = list(engine.stream(prompt, GREEDY))
+    assert events[-1].finished and events[-1].finish_reason == "length"
+    assert len(events) > 2  # tokens arrive chunk by chunk, not all at the end
+    assert sum((e.token_ids for e in events), []) == engine.generate([prompt], GREEDY)[0].tokens
+
+
+def test_cancel_frees_the_slot_and_pages(engine):
+    rid = engine.submit(_prompts(1, seed=13)[0], SamplingParams(max_new_tokens=100,
+                                                                stop_token_ids=()))
+    for _ in range(3):
+        engine.step()
+    assert engine.allocator.num_used > 0
+    engine.cancel(rid)
+    engine.run(lambda: engine.finished(rid))
+    r = engine.result(rid)
+    assert r.finish_reason == "abort" and 0 < len(r.tokens) < 100
+    assert engine.allocator.num_used == 0 and engine.num_running == 0
+
+
+def test_logprobs(engine, model):
+    prompt = _prompts(1, seed=14)[0]
+    r = engine.generate([prompt], SamplingParams(max_new_tokens=3, logprobs=4,
+                                                 stop_token_ids=()))[0]
+    assert len(r.logprobs) == 3
+    cache = PagedKVCache.zeros(model.config.num_layers, 9, 8, model.config.num_kv_heads,
+                               model.config.head_dim, jnp.float32)
+    logits, _ = prefill(model, jnp.asarray([prompt]), jnp.asarray([len(prompt)]), cache,
+                        jnp.arange(1, 9, dtype=jnp.int32)[None])
+    logp = np.asarray(jax.nn.log_softmax(logits[0]))
+    first = r.logprobs[0]
+    assert first["token"] == r.tokens[0] == int(np.argmax(logp))
+    np.testing.assert_allclose(first["logprob"], logp[first["token"]], atol=1e-5)
+    ids = [i for i, _ in first["top"]]
+    assert ids == list(np.argsort(-logp)[:4])
+    assert all(a[1] >= b[1] for a, b in zip(first["top"], first["top"][1:]))
+
+
+def test_non_finite_logits_stop_with_an_error(model):
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    key = next(k for k in flat if k[-1] == "weight" and "down_proj" in k)
+    flat[key] = flat[key].replace(value=flat[key][...].at[0, 0, 0].set(jnp.nan))
+    broken = nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+    r = _engine(broken).generate([[5, 6, 7]], GREEDY)[0]
+    assert r.finish_reason == "error" and r.tokens == []
+    assert "non-finite" in r.error
 
 
 def test_empty_prompt_is_an_error(engine):
-    with pytest.raises(PromptError, match="prompt 1 is empty"):
+    with pytest.raises(PromptError, match="prompt 1: the prompt is empty"):
         engine.generate([[5, 6], []])
 
 
 def test_prompt_longer_than_the_context_is_an_error(engine):
-    limit = engine.config.max_position_embeddings
+    limit = engine.model_config.max_position_embeddings
     with pytest.raises(PromptError, match=f"exceeds the model's context of {limit}"):
         engine.generate([[5] * (limit - 3)], SamplingParams(max_new_tokens=4))
+
+
+def test_request_larger_than_the_whole_cache_is_refused_up_front(model):
+    eng = _engine(model, num_pages=5)  # 4 pages of 8 tokens
+    with pytest.raises(PromptError, match=r"needs 40 tokens of KV cache, but the whole cache "
+                                          r"holds 32 \(4 pages of 8\)"):
+        eng.submit([5] * 30, SamplingParams(max_new_tokens=10))
 
 
 def test_token_outside_the_vocabulary_is_an_error(engine):
@@ -107,9 +249,17 @@ def test_token_outside_the_vocabulary_is_an_error(engine):
 
 def test_sampling_params_are_validated():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
-                dict(top_p=1.5)):
+                dict(top_p=1.5), dict(max_new_tokens=2.5), dict(temperature=float("nan")),
+                dict(seed=-1), dict(seed=2**32), dict(logprobs=-1)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_engine_config_is_validated(model):
+    for bad in (dict(page_size=0), dict(page_size=-16), dict(page_size=12), dict(max_slots=0),
+                dict(num_pages=1), dict(kv_cache="int8")):
+        with pytest.raises(ValueError):
+            Engine(model, **bad)
 
 
 def test_sample_top_k_and_top_p_keep_only_the_allowed_tokens():
@@ -149,36 +299,44 @@ def test_inactive_rows_do_not_touch_the_cache(model):
     assert np.abs(k[:, 3:]).sum() == 0  # the inactive row's pages are untouched
 
 
-def test_kv4_batch_equals_each_alone(model):
-    eng = Engine(model, kv_cache="kv4", page_size=8, decode_chunk=4)
-    prompts = _prompts(4, seed=11)
-    params = SamplingParams(max_new_tokens=9, stop_token_ids=())
-    batched = eng.generate(prompts, params)
-    for p, b in zip(prompts, batched):
-        assert b.tokens == eng.generate([p], params)[0].tokens
-
-
-def test_bad_kv_cache_kind(model):
-    with pytest.raises(ValueError, match="kv_cache must be one of"):
-        Engine(model, kv_cache="int8")
+def test_score_matches_the_model_logits(engine, model):
+    prompt = _prompts(1, seed=15, longest=2)[0] * 70  # 70 tokens: 3 chunks of 32
+    lp = engine.score(np.asarray([prompt]))
+    cache = PagedKVCache.zeros(model.config.num_layers, 17, 8, model.config.num_kv_heads,
+                               model.config.head_dim, jnp.float32)
+    logits, _ = prefill(model, jnp.asarray([prompt]), jnp.asarray([70]), cache,
+                        jnp.arange(1, 17, dtype=jnp.int32)[None], all_logits=True)
+    logp = np.asarray(jax.nn.log_softmax(logits[0]))
+    expect = logp[np.arange(69), prompt[1:]]
+    np.testing.assert_allclose(lp[0], expect, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["16bit", "kv4"])
-def test_whole_model_lowers_for_h100_with_pallas_kernels(model, kind):
-    """prefill and decode_step, the Flax model and every kernel in one program, lowered for CUDA."""
+def test_engine_programs_lower_for_h100_with_pallas_kernels(model, kind):
+    """The engine's prefill-chunk and decode-chunk programs, with the Flax model and every
+    kernel, lowered for CUDA."""
     from helpers import TRITON_CALL, lower_for_h100
 
     from pallas_kernels._common import default_backend
-    from qoq_jax.kv_cache import make_cache
+    from qoq_jax import engine as E
 
-    cfg = model.config
-    cache = make_cache(kind, cfg.num_layers, 9, 16, cfg.num_kv_heads, cfg.head_dim, jnp.bfloat16)
-    table = jnp.zeros((2, 4), jnp.int32)
+    eng = _engine(model, kv_cache=kind, page_size=16)
+    eng._ensure_device_state()
+    g = eng.graphdef
+    rows = E.RowParams(*(jnp.zeros((2,), dt) for dt in (jnp.int32, jnp.float32, jnp.int32,
+                                                        jnp.float32, jnp.uint32)),
+                       jnp.zeros((2, eng.max_stop_ids), jnp.int32))
+    z2 = jnp.zeros((2,), jnp.int32)
     with default_backend("pallas"):
-        pre = lower_for_h100(lambda m, t, n, c, p: prefill(m, t, n, c, p), model,
-                             jnp.zeros((2, 64), jnp.int32), jnp.ones((2,), jnp.int32), cache, table)
-        dec = lower_for_h100(lambda m, t, pos, a, c, p: decode_step(m, t, pos, a, c, p), model,
-                             jnp.zeros((2,), jnp.int32), jnp.ones((2,), jnp.int32),
-                             jnp.ones((2,), bool), cache, table)
-    assert pre.count(TRITON_CALL) >= 1 + (kind == "kv4")  # prefill attention (+ the KV4 write)
-    assert dec.count(TRITON_CALL) >= 1 + (kind == "kv4")  # decode attention (+ the KV4 write)
+        pre = lower_for_h100(
+            lambda p, c, s, t, tok, st, n, tr, ins, r, f: E._prefill(
+                g, p, c, s, t, tok, st, n, tr, ins, r, f, n_top=5),
+            eng.params, eng._cache, eng._state, jnp.asarray(eng._table),
+            jnp.zeros((2, 64), jnp.int32), z2, z2, z2, z2, rows, z2)
+        dec = lower_for_h100(
+            lambda p, c, s, t, f: E._decode(g, p, c, s, t, f, rows=4, steps=4, all_greedy=False,
+                                            splits=2, n_top=5),
+            eng.params, eng._cache, eng._state, jnp.asarray(eng._table),
+            jnp.zeros((4, 4), jnp.int32))
+    assert pre.count(TRITON_CALL) >= 1 + (kind == "kv4")  # attention (+ the KV4 write)
+    assert dec.count(TRITON_CALL) >= 1 + (kind == "kv4")

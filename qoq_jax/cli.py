@@ -1,0 +1,105 @@
+"""What the command-line tools share: argument types that name the allowed range, prompt files,
+and one error line (no traceback) for every failure a user can cause."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+class CliError(Exception):
+    """A user error found by a CLI itself (printed as one line, exit status 2)."""
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def bounded_int(low: int | None, high: int | None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        v = _int(text)
+        if (low is not None and v < low) or (high is not None and v > high):
+            if high is None:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {v}")
+        return v
+    return parse
+
+
+positive_int = bounded_int(1, None)
+seed_arg = bounded_int(0, 2**32 - 1)
+
+
+def page_size_arg(text: str) -> int:
+    v = positive_int(text)
+    if v & (v - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {v}")
+    return v
+
+
+def bounded_float(low: float | None, high: float | None, *,
+                  low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = low is not None and (v <= low if low_open else v < low)
+        if too_low or (high is not None and v > high):
+            if high is None:
+                rule = f"> {low}" if low_open else f">= {low}"
+            else:
+                rule = f"in {'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {v}")
+        return v
+    return parse
+
+
+def utf8_arg(text: str) -> str:
+    """A command-line string that must be valid UTF-8 (Python keeps bad bytes as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return text
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file."""
+    if not path.exists():
+        raise CliError(f"no prompts file {path}")
+    if path.is_dir():
+        raise CliError(f"the prompts file {path} is a directory")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"the prompts file {path} is not UTF-8 text (byte {e.start} is "
+                       f"{path.read_bytes()[e.start]:#04x})") from None
+    prompts = [ln for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise CliError(f"the prompts file {path} has no non-blank line")
+    return prompts
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a CLI's body; a user error becomes one 'error: ...' line on stderr."""
+    from qoq_jax.engine import EngineMemoryError, QueueFullError
+
+    try:
+        return body()
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, EngineMemoryError, QueueFullError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
