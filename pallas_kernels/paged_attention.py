@@ -74,7 +74,7 @@ def _block_pages(page_size: int, block_tokens: int) -> int:
 
 
 def paged_attention_xla(q, k_pool, v_pool, layer, page_table, start, kv_lens, *, scale=None,
-                        kv4_scales=None, block_tokens: int = 256):
+                        kv4_scales=None, block_tokens: int = 128):
     """q [B, Q, Hq, D]; 16-bit pools [L, N, Hkv, P, D], or KV4 codes with
     kv4_scales = (k_scale, k_zero, v_scale, v_zero); -> [B, Q, Hq, D] in q's dtype."""
     _check(q, k_pool, page_table, start, kv_lens)

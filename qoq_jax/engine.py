@@ -294,6 +294,7 @@ class _Request:
     submitted: float
     first_token_at: float | None = None
     error: str | None = None
+    release_on_finish: bool = False
 
 
 @dataclasses.dataclass
@@ -375,15 +376,14 @@ class Engine:
                 f"num_pages / kv_memory")
         self.splits = default_splits(self.max_pages_per_seq, self.max_slots, m.num_kv_heads)
         self.allocator = PageAllocator(num_pages, self.page_size)
-        self.scheduler = Scheduler(self.allocator, max_slots=self.max_slots,
-                                   prefill_chunk=self.prefill_chunk,
-                                   prefill_budget=self.prefill_budget,
-                                   decode_steps=self.decode_steps)
+        self.scheduler = self._new_scheduler()
         self._cache = None  # allocated at first use (a notebook may load and never generate)
         self._state = None
-        self._table = np.zeros((self.max_slots, self.max_pages_per_seq), np.int32)
+        # device rows: >= 2 even for one slot (see _decode_rows)
+        self._rows = max(2, self.max_slots)
+        self._table = np.zeros((self._rows, self.max_pages_per_seq), np.int32)
         self._table_dev = None
-        self._retire_mask = np.zeros((self.max_slots,), bool)
+        self._retire_mask = np.zeros((self._rows,), bool)
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -391,6 +391,11 @@ class Engine:
         self._lock = threading.Lock()
         self.stats = collections.Counter()
         self.last_stats: dict[str, float] = {}
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(self.allocator, max_slots=self.max_slots,
+                         prefill_chunk=self.prefill_chunk, prefill_budget=self.prefill_budget,
+                         decode_steps=self.decode_steps)
 
     # ------------------------------------------------------------------------------------------
     # limits and validation
@@ -491,7 +496,7 @@ class Engine:
             m = self.model_config
             self._cache = make_cache(self.kv_cache, m.num_layers, self.num_pages, self.page_size,
                                      m.num_kv_heads, m.head_dim, self.dtype)
-            self._state = SlotState.idle(self.max_slots, self.max_stop_ids)
+            self._state = SlotState.idle(self._rows, self.max_stop_ids)
 
     def step(self) -> None:
         """Admit, prefill, decode one chunk, and read back the previous one."""
@@ -542,7 +547,7 @@ class Engine:
         start = np.zeros((bp,), np.int32)
         lengths = np.zeros((bp,), np.int32)
         table_rows = np.full((bp,), -1, np.int32)
-        insert = np.full((bp,), self.max_slots, np.int32)  # out of range: dropped
+        insert = np.full((bp,), self._rows, np.int32)  # out of range: dropped
         forced = np.full((bp,), -1, np.int32)
         max_new = np.ones((bp,), np.int32)
         temp = np.zeros((bp,), np.float32)
@@ -575,8 +580,14 @@ class Engine:
         if rows:
             self._pending.append(_Pending("prefill", rows, outputs))
 
+    def _decode_rows(self) -> int:
+        """Rows of the next decode dispatch: the occupied slots, bucketed, and at least 2 (a
+        single-row scatter into the pools becomes a dynamic-update-slice for which XLA:CPU
+        copies whole pools)."""
+        return min(self._rows, max(2, batch_bucket(self.scheduler.occupied_rows())))
+
     def _dispatch_decode(self, seqs: list[Seq]) -> None:
-        rows = batch_bucket(self.scheduler.occupied_rows())
+        rows = self._decode_rows()
         steps = self.decode_steps
         forced = np.full((rows, steps), -1, np.int32)
         for seq in seqs:
@@ -659,6 +670,9 @@ class Engine:
             req.callback(TokenEvent(seq.seq_id, list(tokens),
                                     list(lps) if req.logprobs is not None else None,
                                     finished=True, finish_reason=reason, error=req.error))
+        with self._lock:
+            if req.release_on_finish:
+                self._requests.pop(seq.seq_id, None)
 
     def finished(self, request_id: int) -> bool:
         return self._requests[request_id].seq.status == Status.FINISHED
@@ -674,6 +688,29 @@ class Engine:
     def release(self, request_id: int) -> None:
         """Forget a finished request's bookkeeping."""
         self._requests.pop(request_id, None)
+
+    def release_when_done(self, request_id: int) -> None:
+        """Forget a request now if it has finished, else as soon as it does (thread-safe)."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.seq.status == Status.FINISHED:
+                self._requests.pop(request_id, None)
+            else:
+                req.release_on_finish = True
+
+    def fail_all(self, message: str) -> None:
+        """After an internal error: end every request with `message` and start afresh (the
+        device state may be lost, so pools and slots are rebuilt at the next step)."""
+        self._intake()
+        for req in list(self._requests.values()):
+            if req.seq.status != Status.FINISHED:
+                req.error = message
+                self._end(req, "error")
+        self._pending.clear()
+        self.allocator = PageAllocator(self.num_pages, self.page_size)
+        self.scheduler = self._new_scheduler()
+        self._cache = self._state = self._table_dev = None
+        self._retire_mask[:] = False
 
     # ------------------------------------------------------------------------------------------
     # the simple front doors
@@ -775,9 +812,9 @@ class Engine:
             _, self._state, self._cache = _prefill(
                 self.graphdef, self.params, self._cache, self._state, self._table_dev,
                 jnp.zeros((bp, cb), jnp.int32), zi, zi, jnp.full((bp,), -1, jnp.int32),
-                jnp.full((bp,), self.max_slots, jnp.int32), rows, jnp.full((bp,), -1, jnp.int32),
+                jnp.full((bp,), self._rows, jnp.int32), rows, jnp.full((bp,), -1, jnp.int32),
                 n_top=self.max_logprobs)
-        rows = 1
+        rows = 2
         while True:
             for greedy in (True, False):
                 _, self._state, self._cache = _decode(
@@ -785,10 +822,10 @@ class Engine:
                     jnp.full((rows, self.decode_steps), -1, jnp.int32), rows=rows,
                     steps=self.decode_steps, all_greedy=greedy, splits=self.splits,
                     n_top=self.max_logprobs)
-            if rows >= self.max_slots:
+            if rows >= self._rows:
                 break
-            rows = min(rows * 2, batch_bucket(self.max_slots))
-        self._state = _retire(self._state, jnp.zeros((self.max_slots,), bool))
+            rows = min(rows * 2, self._rows)
+        self._state = _retire(self._state, jnp.zeros((self._rows,), bool))
         jax.block_until_ready(self._cache)
         return COMPILES.count - before
 

@@ -22,34 +22,20 @@ from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rm
 from pallas_kernels.w4a8_matmul import w4a8_matmul
 
 
-# Rows per dot of the float matmuls on CPU (see rowwise_matmul).
-ROW_TILE = 16
-
-
 def rowwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., K] times w [N, K] transposed, fp32 accumulation -> [..., N] float32.
 
-    On CPU, XLA picks a different dot kernel (and summation order) by the number of rows, so a
-    row's result would change in its last bits with the batch around it. There the rows go
-    through dots of a fixed ROW_TILE rows each (padded, looped), so every row is computed the
-    same way in a decode step of 3 sequences or a prefill chunk of 512 tokens: the float path
-    of batch invariance. Elsewhere it is one plain dot.
+    Batch invariance of the float path: XLA:CPU computes a row of this product the same way
+    for every number of rows >= 2 (checked for every row count from 2 to 4096, and by the
+    engine's batch-invariance tests), but a single row goes through a matrix-vector kernel
+    that sums in another order. So on CPU a lone row is paired with a copy of itself.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     m = rows.shape[0]
-
-    def dot(a):
-        return jnp.einsum("mk,nk->mn", a, w, preferred_element_type=jnp.float32)
-
-    if jax.default_backend() != "cpu":
-        return dot(rows).reshape(*lead, w.shape[0])
-    tiles = -(-m // ROW_TILE)
-    rows = jnp.pad(rows, ((0, tiles * ROW_TILE - m), (0, 0)))
-    if tiles == 1:
-        y = dot(rows)
-    else:
-        y = jax.lax.map(dot, rows.reshape(tiles, ROW_TILE, k)).reshape(tiles * ROW_TILE, -1)
+    if m == 1 and jax.default_backend() == "cpu":
+        rows = jnp.concatenate([rows, rows])
+    y = jnp.einsum("mk,nk->mn", rows, w, preferred_element_type=jnp.float32)
     return y[:m].reshape(*lead, w.shape[0])
 
 
