@@ -116,6 +116,10 @@ class EngineConfig:
             raise ValueError("num_pages must be >= 2 (page 0 is scratch)")
 
 
+class EngineBusyError(RuntimeError):
+    """step() was called while another thread is stepping the same engine."""
+
+
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is at its limit (the server answers 429)."""
 
@@ -389,6 +393,7 @@ class Engine:
         self._pending: collections.deque[_Pending] = collections.deque()
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._stepping = threading.Lock()
         self.stats = collections.Counter()
         self.last_stats: dict[str, float] = {}
 
@@ -500,6 +505,15 @@ class Engine:
 
     def step(self) -> None:
         """Admit, prefill, decode one chunk, and read back the previous one."""
+        if not self._stepping.acquire(blocking=False):
+            raise EngineBusyError("the engine is already being driven by another thread (a "
+                                  "server's engine thread?): submit() to it instead")
+        try:
+            self._step()
+        finally:
+            self._stepping.release()
+
+    def _step(self) -> None:
         self._intake()
         if not self.scheduler.has_work:
             self._drain()

@@ -27,9 +27,11 @@ import time
 import uuid
 from typing import Any, Literal
 
+from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qoq_jax.cli import bounded_int, page_size_arg, positive_int, run_cli
+from qoq_jax.engine import EngineBusyError
 
 log = logging.getLogger("qoq_jax.serve")
 
@@ -58,6 +60,8 @@ class EngineThread:
                 continue
             try:
                 self.engine.step()
+            except EngineBusyError:  # someone else drives it for a moment (a notebook?)
+                time.sleep(0.01)
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
                 log.exception("engine step failed")
                 self.error = e
@@ -92,12 +96,13 @@ class _Base(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
     @field_validator("n")
     @classmethod
@@ -189,7 +194,7 @@ def create_app(llm, *, model_name: str, api_key: str | None = None,
     import contextlib
 
     import prometheus_client as prom
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     from qoq_jax.engine import PromptError, QueueFullError
@@ -281,7 +286,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None,
                    or max(1, engine.max_context - n_prompt))
         try:
             return SamplingParams(max_new_tokens=max_new, temperature=req.temperature,
-                                  top_p=req.top_p, seed=req.seed or 0, logprobs=logprobs)
+                                  top_p=req.top_p, seed=req.seed or 0, logprobs=logprobs,
+                                  stop_token_ids=() if req.ignore_eos else None)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -579,15 +585,20 @@ def _serve(args) -> int:
 
 class _DrainingServer:
     """uvicorn.Server that refuses new requests (503) from the first SIGTERM/SIGINT on, while
-    uvicorn lets the running ones finish."""
+    uvicorn lets the running ones finish; after a SIGTERM drain the process exits with 0
+    (uvicorn would re-raise the signal)."""
 
     def __new__(cls, config, app):
+        import signal
+
         import uvicorn
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
                 app.state.draining = True
                 super().handle_exit(sig, frame)
+                if sig == signal.SIGTERM:
+                    self._captured_signals.remove(sig)
 
         return Server(config)
 

@@ -52,8 +52,8 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    def __init__(self, stops: Sequence[str] = ()):
-        self.stops = [s for s in stops if s]
+    def __init__(self, stops: Sequence[str] | None = ()):
+        self.stops = [s for s in stops or () if s]
         self._held = ""
         self.stopped = False
 
