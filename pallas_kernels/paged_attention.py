@@ -21,9 +21,10 @@ are combined in a fixed order, so a row's result never depends on the rest of th
 
 XLA reference (every backend but a GPU): the same blocked online softmax, in blocks of
 ``block_tokens`` keys with a dynamic trip count, so its memory is O(Q x block), never
-O(Q x context). Every dot has the same per-matrix shape whatever the batch (rows of a fixed
-number of queries, batched over (sequence, head, query tile)) and sums use a fixed order, so a
-row's result is bit-identical alone or in any batch: what makes generation batch-invariant.
+O(Q x context). A fully masked block is an exact no-op (alpha = 1, p = 0), the dots compute a
+row the same way whatever the other rows (see paged_attention_xla) and sums use a fixed order,
+so a row's result is bit-identical alone or in any batch: what makes generation
+batch-invariant.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ from pallas_kernels._common import fixed_order_sum, next_power_of_2, use_pallas
 from pallas_kernels.kv4 import dequantize_kv4
 
 _NEG_INF = float("-inf")
-# Queries per dot in the XLA reference: a fixed per-matrix shape keeps rows batch-invariant.
-_QUERY_TILE = 16
 
 
 def _check(q, k_pool, page_table, start, kv_lens):
@@ -62,13 +61,6 @@ def _check(q, k_pool, page_table, start, kv_lens):
 # XLA reference
 
 
-def _query_tile(nq: int) -> int:
-    for t in (_QUERY_TILE, 8, 4, 2, 1):
-        if nq % t == 0:
-            return t
-    return 1
-
-
 def _block_pages(page_size: int, block_tokens: int) -> int:
     return max(1, block_tokens // page_size)
 
@@ -76,21 +68,24 @@ def _block_pages(page_size: int, block_tokens: int) -> int:
 def paged_attention_xla(q, k_pool, v_pool, layer, page_table, start, kv_lens, *, scale=None,
                         kv4_scales=None, block_tokens: int = 128):
     """q [B, Q, Hq, D]; 16-bit pools [L, N, Hkv, P, D], or KV4 codes with
-    kv4_scales = (k_scale, k_zero, v_scale, v_zero); -> [B, Q, Hq, D] in q's dtype."""
+    kv4_scales = (k_scale, k_zero, v_scale, v_zero); -> [B, Q, Hq, D] in q's dtype.
+
+    Rows are the (query, head) pairs of a KV group, as in the kernel; every dot is batched over
+    (sequence, KV head) with the rows as its M dimension. XLA:CPU computes a row of such a dot
+    the same way for any number of rows >= 2 (a single row takes a matrix-vector kernel), so a
+    lone row is padded with a copy of itself.
+    """
     _check(q, k_pool, page_table, start, kv_lens)
     b, nq, hq, d = q.shape
     hkv, page_size = k_pool.shape[2], k_pool.shape[3]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    tile = _query_tile(nq)
-    n_tiles = nq // tile
-    rows = tile * g
-    # [B, Hkv, tiles, rows, D], row r of tile t = query t * tile + r // g, head r % g of the group
-    qt = q.reshape(b, n_tiles, tile, hkv, g, d).transpose(0, 3, 1, 2, 4, 5)
-    qt = qt.reshape(b, hkv, n_tiles, rows, d)
-    q_pos = (start[:, None, None] + jnp.arange(n_tiles)[None, :, None] * tile
-             + jnp.arange(rows)[None, None, :] // g)  # [B, tiles, rows]
-    q_pos = q_pos[:, None]  # broadcast over KV heads
+    n_rows = nq * g
+    qr = q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, n_rows, d)
+    rows = max(2, n_rows)
+    if rows != n_rows:
+        qr = jnp.concatenate([qr, qr], axis=2)
+    q_pos = start[:, None, None] + (jnp.arange(rows) % n_rows)[None, None, :] // g  # [B, 1, R]
 
     bp = _block_pages(page_size, block_tokens)
     width = bp * page_size
@@ -116,29 +111,26 @@ def paged_attention_xla(q, k_pool, v_pool, layer, page_table, start, kv_lens, *,
     def body(j, carry):
         o, m, l = carry
         k, v = kv_block(j)
-        # broadcast over query tiles: every dot is [rows, D] x [D, width], whatever B and Q
-        kb = jnp.broadcast_to(k[:, :, None], (b, hkv, n_tiles, width, d))
-        vb = jnp.broadcast_to(v[:, :, None], (b, hkv, n_tiles, width, d))
-        s = jnp.einsum("bhtrd,bhtsd->bhtrs", qt, kb, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bhrd,bhsd->bhrs", qr, k, preferred_element_type=jnp.float32) * scale
         k_pos = j * width + jnp.arange(width)
-        ok = (k_pos <= q_pos[..., None]) & (k_pos < kv_lens[:, None, None, None, None])
+        ok = (k_pos <= q_pos[..., None]) & (k_pos < kv_lens[:, None, None, None])
         s = jnp.where(ok, s, _NEG_INF)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen no key yet
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[..., None])
         l = l * alpha + fixed_order_sum(p, axis=-1)
-        pv = jnp.einsum("bhtrs,bhtsd->bhtrd", p.astype(q.dtype), vb,
+        pv = jnp.einsum("bhrs,bhsd->bhrd", p.astype(q.dtype), v,
                         preferred_element_type=jnp.float32)
         return o * alpha[..., None] + pv, m_new, l
 
     n_blocks = -(-jnp.max(kv_lens) // width)
-    init = (jnp.zeros((b, hkv, n_tiles, rows, d), jnp.float32),
-            jnp.full((b, hkv, n_tiles, rows), _NEG_INF, jnp.float32),
-            jnp.zeros((b, hkv, n_tiles, rows), jnp.float32))
+    init = (jnp.zeros((b, hkv, rows, d), jnp.float32),
+            jnp.full((b, hkv, rows), _NEG_INF, jnp.float32),
+            jnp.zeros((b, hkv, rows), jnp.float32))
     o, _, l = lax.fori_loop(0, n_blocks, body, init)
-    o = o / jnp.where(l > 0, l, 1.0)[..., None]
-    o = o.reshape(b, hkv, n_tiles, tile, g, d).transpose(0, 2, 3, 1, 4, 5)
+    o = (o / jnp.where(l > 0, l, 1.0)[..., None])[:, :, :n_rows]
+    o = o.reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4)
     return o.reshape(b, nq, hq, d).astype(q.dtype)
 
 

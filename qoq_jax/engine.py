@@ -71,6 +71,7 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     logprobs: list[dict] | None = None  # per token: {"token", "logprob", "top": [(id, lp)...]}
     error: str | None = None
+    preemptions: int = 0  # times the request was preempted (and recomputed)
 
 
 @dataclasses.dataclass
@@ -697,7 +698,7 @@ class Engine:
         if seq.status != Status.FINISHED:
             raise RuntimeError(f"request {request_id} has not finished")
         return GenerationResult(list(seq.prompt), list(seq.output), seq.finish_reason,
-                                req.logprobs, req.error)
+                                req.logprobs, req.error, seq.num_preemptions)
 
     def release(self, request_id: int) -> None:
         """Forget a finished request's bookkeeping."""

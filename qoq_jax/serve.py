@@ -521,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--kv-cache", choices=["16bit", "kv4"],
                    help="KV cache format (default: kv4 for quantized models, 16bit otherwise)")
+    p.add_argument("--quantize", choices=["qoq", "rtn"],
+                   help="quantize a float model to W4A8KV4 at start-up (small calibration set; "
+                        "convert_hf_checkpoint makes a reusable checkpoint)")
+    p.add_argument("--group-size", type=int, choices=[128, 64, -1], default=128,
+                   help="with --quantize: W4 group size (-1 = per-channel)")
     p.add_argument("--max-slots", type=positive_int,
                    help="sequences decoded together (default 16 on CPU, 128 on GPU)")
     p.add_argument("--num-pages", type=bounded_int(2, None),
@@ -564,7 +569,13 @@ def _serve(args) -> int:
         if not args.kv_memory_gb > 0:
             raise ValueError(f"--kv-memory-gb must be > 0, got {args.kv_memory_gb}")
         engine_kw["kv_memory"] = int(args.kv_memory_gb * 2**30)
-    llm = qoq_jax.load(args.model, dtype=args.dtype, **engine_kw)
+    quantize = None
+    if args.quantize:
+        from qoq_jax.quant.config import QuantConfig
+
+        quantize = QuantConfig(method=args.quantize, group_size=args.group_size,
+                               calib_samples=16, calib_seq_len=512)
+    llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, **engine_kw)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model))
                                       if args.model else "SmolLM2-135M-Instruct")
     if args.warmup:

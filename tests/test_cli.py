@@ -31,6 +31,50 @@ def test_generate_help_lists_the_options():
         assert opt in r.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "--seed: must be in [0, 4294967295], got -1"),
+    (["--seed", str(2**32)], "--seed: must be in [0, 4294967295]"),
+    (["--page-size", "0"], "--page-size: must be >= 1, got 0"),
+    (["--page-size", "-16"], "--page-size: must be >= 1"),
+    (["--page-size", "12"], "--page-size: must be a power of two"),
+    (["--temperature", "nan"], "--temperature: must be a finite number"),
+    (["--top-p", "0"], "--top-p: must be in (0.0, 1.0]"),
+    (["--max-new-tokens", "2.5"], "--max-new-tokens: '2.5' is not an integer"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--batch-size", "0"], "--max-slots: must be >= 1"),
+])
+def test_generate_refuses_bad_numbers_with_one_line(args, message):
+    r = run("-m", "qoq_jax.generate", "--prompt", "hi", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_generate_refuses_bad_prompt_files_and_bad_utf8(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok\n\xff\xfe\n")
+    cases = [(["--prompts-file", str(tmp_path)], "is a directory"),
+             (["--prompts-file", str(blank)], "has no non-blank line"),
+             (["--prompts-file", str(binary)], "is not UTF-8 text"),
+             (["--prompts-file", str(tmp_path / "none.txt")], "no prompts file")]
+    for args, message in cases:
+        r = run("-m", "qoq_jax.generate", *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable.encode(), b"-m", b"qoq_jax.generate", b"--prompt",
+                        b"caf\xe9"], capture_output=True, cwd=REPO, timeout=600)
+    assert r.returncode == 2 and b"is not valid UTF-8 text" in r.stderr
+
+
+def test_serve_help_lists_the_options():
+    r = run("-m", "qoq_jax.serve", "--help")
+    assert r.returncode == 0
+    for opt in ("--model", "--host", "--port", "--api-key", "--max-slots", "--num-pages",
+                "--max-queue", "--kv-cache", "--warmup"):
+        assert opt in r.stdout
+
+
 def test_generate_with_a_missing_model_path(tmp_path):
     r = run("-m", "qoq_jax.generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert r.returncode == 1 and "no model at" in r.stderr
@@ -48,13 +92,21 @@ def test_generate_json_batch_from_a_file(tmp_path):
                                                "Say hello."]
     assert rows[0]["text"].startswith("The capital of France is Paris")
     assert all(1 <= len(row["token_ids"]) <= 10 for row in rows)
-    assert "tokens/s" in r.stderr
+    assert "tokens/s" in r.stderr and "compilation" in r.stderr
+
+
+@pytest.mark.slow
+def test_generate_streams_and_stops_at_a_stop_string():
+    r = run("-m", "qoq_jax.generate", "--chat", "--prompt", "What is the capital of France?",
+            "--stream", "--stop", " is", "--max-new-tokens", "12", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "The capital of France"
 
 
 @pytest.mark.slow
 def test_generate_rejects_an_empty_prompt():
     r = run("-m", "qoq_jax.generate", "--prompt", "", "--max-new-tokens", "2")
-    assert r.returncode == 1 and "prompt 0 is empty" in r.stderr
+    assert r.returncode == 1 and "prompt 0: the prompt is empty" in r.stderr
 
 
 @pytest.mark.slow

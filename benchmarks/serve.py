@@ -1,0 +1,221 @@
+"""Load generator for OpenAI-compatible servers: ours and `transformers serve`, side by side.
+
+Starts each server in a subprocess on 127.0.0.1, warms it up, then drives it with the `openai`
+client: --concurrency streams each sending chat requests back to back (or, with --rate, Poisson
+arrivals at that many requests per second), every request streaming --max-tokens tokens. It
+reports output tokens/s (all completion tokens / wall time of the load), time to first token and
+time per output token (median and p99), per server, in one run.
+
+    .venv/bin/python benchmarks/serve.py                                  # ours (fp32) vs transformers
+    .venv/bin/python benchmarks/serve.py --variant w4a8kv4 --no-transformers
+    .venv/bin/python benchmarks/serve.py --url http://127.0.0.1:8000/v1   # a server already running
+
+transformers serve runs in the test oracle's interpreter (.venv-ref, `make ref-venv`), with
+--continuous-batching, on the same model files (the default model's HF directory), float32, CPU.
+Completion tokens are counted by tokenizing each response with the model's tokenizer, so both
+servers are measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["the ocean", "a lighthouse", "mountains", "coffee", "the moon", "trains", "autumn",
+          "a library", "bees", "the desert", "rain", "chess", "volcanoes", "bread", "owls",
+          "the river", "a garden", "winter", "a robot", "the city"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n"
+                               f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy in {timeout} s")
+
+
+def start_ours(model: str | None, variant: str, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "qoq_jax.serve", "--port", str(port), "--log-level", "warning",
+           "--served-model-name", "model", *extra]
+    if model:
+        cmd += ["--model", model]
+    if variant == "w4a8kv4":
+        cmd += ["--quantize", "rtn"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def start_transformers(model_dir: str, port: int, ref_python: str) -> subprocess.Popen:
+    cli = Path(ref_python).with_name("transformers")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    return subprocess.Popen([str(cli), "serve", "--continuous-batching", "--device", "cpu",
+                             "--dtype", "float32", "--port", str(port), "--host", "127.0.0.1",
+                             model_dir], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+async def _one(client, model, prompt, max_tokens, ignore_eos):
+    t0 = time.perf_counter()
+    first = last = None
+    pieces = []
+    extra = {"ignore_eos": True} if ignore_eos else {}
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        temperature=0, stream=True, extra_body=extra)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            pieces.append(chunk.choices[0].delta.content)
+    return {"start": t0, "first": first, "last": last, "text": "".join(pieces)}
+
+
+async def drive(base_url: str, *, concurrency: int, requests: int, max_tokens: int,
+                rate: float | None, ignore_eos: bool, seed: int = 0) -> tuple[list, float]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+    model = (await client.models.list()).data[0].id
+    prompts = [f"Write a long story about {TOPICS[i % len(TOPICS)]}." for i in range(requests)]
+    results = []
+    t0 = time.perf_counter()
+    if rate is None:
+        queue = list(range(requests))
+
+        async def worker():
+            while queue:
+                i = queue.pop(0)
+                results.append(await _one(client, model, prompts[i], max_tokens, ignore_eos))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        rng = random.Random(seed)
+        tasks = []
+        for i in range(requests):
+            tasks.append(asyncio.create_task(_one(client, model, prompts[i], max_tokens,
+                                                  ignore_eos)))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    await client.close()
+    return results, wall
+
+
+def summarize(name: str, results: list, wall: float, tokenizer) -> dict:
+    n_tokens = [len(tokenizer.encode(r["text"], add_special_tokens=False)) for r in results]
+    ttft = sorted(r["first"] - r["start"] for r in results if r["first"])
+    tpot = sorted((r["last"] - r["first"]) / (n - 1)
+                  for r, n in zip(results, n_tokens) if r["first"] and n > 1)
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {"server": name, "requests": len(results), "output_tokens": sum(n_tokens),
+            "wall_s": wall, "output_tokens_per_s": sum(n_tokens) / wall,
+            "ttft_median_s": statistics.median(ttft) if ttft else float("nan"),
+            "ttft_p99_s": pct(ttft, 0.99),
+            "tpot_median_s": statistics.median(tpot) if tpot else float("nan"),
+            "tpot_p99_s": pct(tpot, 0.99)}
+
+
+def run_against(name, url, proc, args, tokenizer, ignore_eos):
+    try:
+        if proc is not None:
+            _wait_healthy(url.removesuffix("/v1"), proc)
+        # warm-up: compiles (ours) and first-call costs, with the load's own shapes
+        asyncio.run(drive(url, concurrency=args.concurrency, requests=args.concurrency,
+                          max_tokens=args.max_tokens, rate=None, ignore_eos=ignore_eos))
+        results, wall = asyncio.run(drive(url, concurrency=args.concurrency,
+                                          requests=args.requests, max_tokens=args.max_tokens,
+                                          rate=args.rate, ignore_eos=ignore_eos))
+        return summarize(name, results, wall, tokenizer)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model for our server (default: the embedded default)")
+    ap.add_argument("--variant", choices=["fp32", "w4a8kv4"], default="fp32")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32, help="requests in the measured load")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rate", type=float, help="Poisson arrivals (requests/s) instead of "
+                                               "closed-loop streams")
+    ap.add_argument("--url", help="measure a running server at this /v1 URL instead")
+    ap.add_argument("--no-transformers", action="store_true", help="ours only")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra argument for our server (repeatable)")
+    args = ap.parse_args(argv)
+
+    import qoq_jax  # noqa: F401  (the tokenizer for counting)
+    from qoq_jax import assets
+    from qoq_jax.hf import load_tokenizer
+
+    model_dir = args.model or str(assets.default_model_dir())
+    tokenizer = load_tokenizer(model_dir)
+    rows = []
+    if args.url:
+        rows.append(run_against("given", args.url, None, args, tokenizer, ignore_eos=False))
+    else:
+        port = _free_port()
+        proc = start_ours(args.model, args.variant, port, args.server_arg)
+        rows.append(run_against(f"qoq-jax {args.variant}", f"http://127.0.0.1:{port}/v1", proc,
+                                args, tokenizer, ignore_eos=True))
+        if not args.no_transformers:
+            ref = os.environ.get("QOQ_REF_PYTHON") or str(REPO / ".venv-ref" / "bin" / "python")
+            port = _free_port()
+            proc = start_transformers(model_dir, port, ref)
+            rows.append(run_against("transformers serve --continuous-batching",
+                                    f"http://127.0.0.1:{port}/v1", proc, args, tokenizer,
+                                    ignore_eos=False))
+    print(f"{args.concurrency} concurrent streams, {args.requests} requests of {args.max_tokens} "
+          f"tokens{'' if args.rate is None else f', Poisson {args.rate}/s'}")
+    print("| server | output tok/s | TTFT median s | TTFT p99 s | TPOT median ms | TPOT p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['server']} | {r['output_tokens_per_s']:.1f} | {r['ttft_median_s']:.2f} | "
+              f"{r['ttft_p99_s']:.2f} | {r['tpot_median_s'] * 1e3:.1f} | "
+              f"{r['tpot_p99_s'] * 1e3:.1f} |")
+    if len(rows) == 2:
+        print(f"ratio (ours / transformers): {rows[0]['output_tokens_per_s'] / rows[1]['output_tokens_per_s']:.2f}x")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "serve.json").write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

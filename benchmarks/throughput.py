@@ -1,0 +1,143 @@
+"""End-to-end throughput in QServe's setting, and decode-step latency: W4A8KV4 vs bf16, one engine.
+
+QServe's benchmark (qserve_spec.md section 4.1): prompts of 1024 tokens, 512 generated tokens
+each (stop tokens ignored), throughput = generated tokens / wall time, prefill included. Here on
+a Llama-3-8B-shaped model with random weights (benchmarks/_models.py), W4A8 (g128 weights, KV4
+cache) against the same engine in bf16 with a 16-bit cache, over batch sizes; then the time of
+one decode step at batch 1, 16, 64 and 256 (context 1024).
+
+    PYTHONPATH=. python benchmarks/throughput.py                 # on a GPU
+    PYTHONPATH=. python benchmarks/throughput.py --quick         # fewer batch sizes
+    .venv/bin/python benchmarks/throughput.py --smoke            # CPU, a tiny model
+
+Results go to $OUT/throughput.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _models import LLAMA3_8B, random_model  # noqa: E402
+from _timing import header  # noqa: E402
+
+from qoq_jax.engine import Engine  # noqa: E402
+from qoq_jax.sampling import SamplingParams  # noqa: E402
+from qoq_jax.scheduler import Status  # noqa: E402
+
+TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512,
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, eos_token_id=1)
+
+
+def _engine(hf, variant, batch, prompt, gen, dtype, smoke):
+    model = random_model(hf, dtype=dtype, w4a8_group=128 if variant == "w4a8kv4" else None,
+                         max_context=prompt + gen)
+    tokens_each = prompt + gen
+    page = 16
+    pages = 1 + batch * -(-tokens_each // page)
+    return Engine(model, kv_cache="kv4" if variant == "w4a8kv4" else "16bit", page_size=page,
+                  max_slots=batch, num_pages=pages, prefill_chunk=512 if smoke else 1024,
+                  prefill_budget=512 if smoke else 4096, decode_steps=16)
+
+
+def throughput(engine, batch, prompt, gen, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(2, vocab, prompt).tolist() for _ in range(batch)]
+    params = SamplingParams(max_new_tokens=gen, stop_token_ids=())
+    engine.generate(prompts[:2], SamplingParams(max_new_tokens=2 * engine.decode_steps,
+                                                stop_token_ids=()))  # compile
+    engine.generate(prompts, SamplingParams(max_new_tokens=2, stop_token_ids=()))
+    t = time.perf_counter()
+    out = engine.generate(prompts, params)
+    wall = time.perf_counter() - t
+    n = sum(len(r.tokens) for r in out)
+    return {"batch": batch, "generated": n, "wall_s": wall, "tokens_per_s": n / wall,
+            "compiles_in_run": engine.last_stats["compiles"]}
+
+
+def step_latency(engine, batch, context, vocab, steps=4):
+    """Milliseconds per decode step with `batch` sequences at about `context` tokens."""
+    rng = np.random.default_rng(1)
+    params = SamplingParams(max_new_tokens=(steps + 3) * engine.decode_steps, stop_token_ids=())
+    ids = [engine.submit(rng.integers(2, vocab, context).tolist(), params)
+           for _ in range(batch)]
+    engine.step()
+    while engine.scheduler.waiting or any(s.status == Status.PREFILLING
+                                          for s in engine.scheduler.running):
+        engine.step()
+    engine.step()  # the first decode chunk (compiles if needed)
+    jax.block_until_ready(engine._cache)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    jax.block_until_ready(engine._cache)
+    ms = (time.perf_counter() - t) / (steps * engine.decode_steps) * 1e3
+    for i in ids:
+        engine.cancel(i)
+    engine.run(lambda: all(engine.finished(i) for i in ids))
+    return ms
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU: a tiny model, tiny sizes")
+    ap.add_argument("--batches", type=int, nargs="+")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        hf, prompt, gen, batches, lat_batches, dtype = TINY, 64, 32, [2, 4], [1, 2], "float32"
+    else:
+        hf, prompt, gen, dtype = LLAMA3_8B, 1024, 512, "bfloat16"
+        batches = [16, 64, 256] if args.quick else [16, 64, 128, 256]
+        lat_batches = [1, 16, 64, 256]
+    batches = args.batches or batches
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    rows, lat = [], []
+    for variant in ("w4a8kv4", "bf16"):
+        for b in batches:
+            engine = _engine(hf, variant, b, prompt, gen, dtype, args.smoke)
+            r = {"variant": variant, **throughput(engine, b, prompt, gen, hf["vocab_size"])}
+            rows.append(r)
+            print(f"{variant} batch {b}: {r['tokens_per_s']:.0f} tokens/s "
+                  f"({r['generated']} tokens in {r['wall_s']:.1f} s)", flush=True)
+            del engine
+            gc.collect()
+        engine = _engine(hf, variant, max(lat_batches), prompt, gen, dtype, args.smoke)
+        for b in lat_batches:
+            ms = step_latency(engine, b, prompt, hf["vocab_size"])
+            lat.append({"variant": variant, "batch": b, "ms_per_step": ms,
+                        "tokens_per_s_per_user": 1e3 / ms})
+            print(f"{variant} decode step, batch {b}: {ms:.2f} ms ({1e3 / ms:.0f} tokens/s "
+                  f"per user)", flush=True)
+        del engine
+        gc.collect()
+    print("| batch | W4A8KV4 tok/s | bf16 tok/s | ratio |\n|---|---|---|---|")
+    for b in batches:
+        w = next(r for r in rows if r["variant"] == "w4a8kv4" and r["batch"] == b)
+        f = next(r for r in rows if r["variant"] == "bf16" and r["batch"] == b)
+        print(f"| {b} | {w['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | "
+              f"{w['tokens_per_s'] / f['tokens_per_s']:.2f}x |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "throughput.json").write_text(json.dumps(
+            {**header(), "prompt": prompt, "generated": gen, "rows": rows, "latency": lat},
+            indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

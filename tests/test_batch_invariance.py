@@ -1,0 +1,67 @@
+"""Batch invariance on the real default model (a correctness requirement of the engine): a
+request's greedy tokens are the same alone, in a batch of 32 prompts of mixed lengths, and after
+being preempted and recomputed; for the float model and QoQ W4A8 (g128 and per-channel), with the
+16-bit and the KV4 cache."""
+
+import numpy as np
+import pytest
+
+import qoq_jax
+from qoq_jax import assets
+from qoq_jax.engine import Engine
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def fp():
+    return qoq_jax.load(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(fp):
+    """32 prompts of 3 to 150 tokens: pieces of real Wikipedia summaries."""
+    from qoq_jax.eval.data import load_documents
+
+    docs = load_documents(assets.wiki_summaries_path())
+    rng = np.random.default_rng(0)
+    out = []
+    for doc in docs[:32]:
+        ids = fp.tokenizer.encode(doc, add_special_tokens=False)
+        out.append([int(t) for t in ids[:int(rng.integers(3, 150))]])
+    return out
+
+
+def _check(model, prompts, kv_cache):
+    # A pool too small for 32 sequences at once (16 run together): the batch run preempts.
+    engine = Engine(model, kv_cache=kv_cache, max_slots=16, prefill_chunk=128,
+                    prefill_budget=512, num_pages=40)
+    params = qoq_jax.SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=())
+    batch = engine.generate(prompts, params)
+    preempted = [i for i, r in enumerate(batch) if r.preemptions]
+    assert preempted, "the workload was meant to preempt"
+    check = sorted({0, 7, len(prompts) - 1, *preempted[:3]})
+    for i in check:
+        alone = engine.generate([prompts[i]], params)[0]
+        assert alone.preemptions == 0
+        assert batch[i].tokens == alone.tokens, (
+            f"{kv_cache}: prompt {i} ({len(prompts[i])} tokens"
+            f"{', preempted' if i in preempted else ''}) differs in a batch")
+    assert all(len(r.tokens) == NEW_TOKENS for r in batch)
+
+
+@pytest.mark.parametrize("kv_cache", ["16bit", "kv4"])
+def test_float_model(fp, prompts, kv_cache):
+    _check(fp.model, prompts, kv_cache)
+
+
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_qoq_model(prompts, group_size):
+    from qoq_jax.quant.config import QuantConfig
+
+    q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
+        group_size=group_size, calib_samples=4, calib_seq_len=128, clip_grid=8))
+    for kv_cache in ("16bit", "kv4"):
+        _check(q.model, prompts, kv_cache)
