@@ -101,6 +101,8 @@ class EngineConfig:
     max_logprobs: int = 5  # the most alternatives a request may ask for
     max_stop_ids: int = 8  # stop token ids per request
     max_queue: int | None = None  # waiting requests before submit() refuses (None: no limit)
+    # iterations in a row that may admit newcomers without a decode chunk for the running ones
+    prefill_priority: int = 2
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHE_KINDS:
@@ -108,6 +110,10 @@ class EngineConfig:
         ps = self.page_size
         if isinstance(ps, bool) or not isinstance(ps, int) or ps < 1 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two >= 1, got {ps!r}")
+        if isinstance(self.prefill_priority, bool) or not isinstance(self.prefill_priority, int) \
+                or self.prefill_priority < 0:
+            raise ValueError(f"prefill_priority must be an integer >= 0, got "
+                             f"{self.prefill_priority!r}")
         for name in ("max_slots", "num_pages", "kv_memory", "prefill_chunk", "prefill_budget",
                      "decode_steps", "max_queue"):
             v = getattr(self, name)
@@ -355,6 +361,7 @@ class Engine:
         self.prefill_chunk = _default(cfg.prefill_chunk, 512, 1024)
         self.prefill_budget = cfg.prefill_budget or self.prefill_chunk
         self.decode_steps = _default(cfg.decode_steps, 8, 16)
+        self.prefill_priority = cfg.prefill_priority
         self.max_logprobs = cfg.max_logprobs
         self.max_stop_ids = cfg.max_stop_ids
         self.max_queue = cfg.max_queue
@@ -389,6 +396,7 @@ class Engine:
         self._table = np.zeros((self._rows, self.max_pages_per_seq), np.int32)
         self._table_dev = None
         self._retire_mask = np.zeros((self._rows,), bool)
+        self._prefill_only_run = 0
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -520,6 +528,11 @@ class Engine:
             self._drain()
             return
         self._ensure_device_state()
+        if self.scheduler.waiting and self._pending:
+            # requests are waiting: read back first, so that what the last chunk finished frees
+            # its slots and pages now and the newcomers' prefill is not queued behind another
+            # decode chunk (time to first token over one chunk of overlap)
+            self._drain()
         try:
             plan = self.scheduler.schedule(inflight=bool(self._pending))
         except NeedsDrain:
@@ -530,10 +543,17 @@ class Engine:
         self._sync_table()
         if plan.prefill:
             self._dispatch_prefill(plan.prefill)
-        if plan.decode:
+        # Prefill first while a burst of newcomers is being admitted (lower time to first
+        # token), but never more than prefill_priority iterations in a row: running streams
+        # must not stall for long.
+        burst = (plan.admitted and self.scheduler.waiting and self.scheduler.free_slots
+                 and self._prefill_only_run < self.prefill_priority)
+        decode = plan.decode and not burst
+        self._prefill_only_run = self._prefill_only_run + 1 if burst else 0
+        if decode:
             self._dispatch_decode(plan.decode)
         # keep one decode chunk in flight while the host handles the one before it
-        while len(self._pending) > (1 if plan.decode else 0):
+        while len(self._pending) > (1 if decode else 0):
             self._process(self._pending.popleft())
 
     def _drain(self) -> None:
@@ -595,14 +615,14 @@ class Engine:
         if rows:
             self._pending.append(_Pending("prefill", rows, outputs))
 
-    def _decode_rows(self) -> int:
-        """Rows of the next decode dispatch: the occupied slots, bucketed, and at least 2 (a
+    def _decode_rows(self, occupied: int) -> int:
+        """Rows of a decode dispatch: the occupied slots, bucketed, and at least 2 (a
         single-row scatter into the pools becomes a dynamic-update-slice for which XLA:CPU
         copies whole pools)."""
-        return min(self._rows, max(2, batch_bucket(self.scheduler.occupied_rows())))
+        return min(self._rows, max(2, batch_bucket(occupied)))
 
     def _dispatch_decode(self, seqs: list[Seq]) -> None:
-        rows = self._decode_rows()
+        rows = self._decode_rows(self.scheduler.occupied_rows())
         steps = self.decode_steps
         forced = np.full((rows, steps), -1, np.int32)
         for seq in seqs:
@@ -798,16 +818,15 @@ class Engine:
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """Every (batch, chunk length) a prefill dispatch can have."""
-        shapes = []
-        cb = chunk_bucket(1, self.prefill_chunk)
-        while True:
-            bp = 1
-            while bp <= self.max_slots and bp * cb <= self.prefill_budget:
-                shapes.append((bp, cb))
-                bp *= 2
-            if cb >= self.prefill_chunk:
-                return shapes
-            cb *= 2
+        lengths = sorted({chunk_bucket(n, self.prefill_chunk)
+                          for n in range(1, self.prefill_chunk + 1)})
+        batches = sorted({batch_bucket(n) for n in range(1, self.max_slots + 1)})
+        return [(bp, cb) for cb in lengths for bp in batches
+                if bp * cb <= self.prefill_budget or bp == 1]
+
+    def decode_shapes(self) -> list[int]:
+        """Every row count a decode dispatch can have."""
+        return sorted({self._decode_rows(n) for n in range(1, self.max_slots + 1)})
 
     def warmup(self) -> int:
         """Compile every program a workload can need (all prefill and decode buckets), so that
@@ -829,17 +848,13 @@ class Engine:
                 jnp.zeros((bp, cb), jnp.int32), zi, zi, jnp.full((bp,), -1, jnp.int32),
                 jnp.full((bp,), self._rows, jnp.int32), rows, jnp.full((bp,), -1, jnp.int32),
                 n_top=self.max_logprobs)
-        rows = 2
-        while True:
+        for rows in self.decode_shapes():
             for greedy in (True, False):
                 _, self._state, self._cache = _decode(
                     self.graphdef, self.params, self._cache, self._state, self._table_dev,
                     jnp.full((rows, self.decode_steps), -1, jnp.int32), rows=rows,
                     steps=self.decode_steps, all_greedy=greedy, splits=self.splits,
                     n_top=self.max_logprobs)
-            if rows >= self._rows:
-                break
-            rows = min(rows * 2, self._rows)
         self._state = _retire(self._state, jnp.zeros((self._rows,), bool))
         jax.block_until_ready(self._cache)
         return COMPILES.count - before

@@ -95,16 +95,25 @@ class StepPlan:
         return not (self.prefill or self.decode)
 
 
-def chunk_bucket(length: int, prefill_chunk: int) -> int:
-    """Padded length of a prefill chunk: a power of two from 16, capped at the chunk size."""
-    b = MIN_CHUNK_BUCKET
-    while b < length:
+def ladder(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them)
+    that is >= n: the bucket sizes of compiled shapes, at most a third of padding."""
+    b = 1
+    while True:
+        if b >= n:
+            return b
+        if b >= 2 and b + b // 2 >= n:
+            return b + b // 2
         b *= 2
-    return min(b, prefill_chunk)
+
+
+def chunk_bucket(length: int, prefill_chunk: int) -> int:
+    """Padded length of a prefill chunk: 16 x a ladder step, capped at the chunk size."""
+    return min(MIN_CHUNK_BUCKET * ladder(-(-length // MIN_CHUNK_BUCKET)), prefill_chunk)
 
 
 def batch_bucket(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    return ladder(n)
 
 
 class NeedsDrain(Exception):
@@ -136,6 +145,10 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
 
     @property
     def has_work(self) -> bool:

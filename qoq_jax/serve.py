@@ -52,10 +52,15 @@ class EngineThread:
     def start(self) -> None:
         self._thread.start()
 
+    # after idling, wait this long for the rest of a burst of requests, so that they are
+    # admitted (and prefilled) together rather than one step apart
+    COALESCE_S = 0.01
+
     def _loop(self) -> None:
         while not self._stop:
             if not self.engine.has_work:
-                self._wake.wait(0.05)
+                if self._wake.wait(0.05):
+                    time.sleep(self.COALESCE_S)
                 self._wake.clear()
                 continue
             try:
@@ -536,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=page_size_arg, default=16, help="tokens per KV page")
     p.add_argument("--prefill-chunk", type=page_size_arg,
                    help="prompt tokens per prefill chunk, a power of two (default 512 CPU, 1024 GPU)")
+    p.add_argument("--prefill-budget", type=positive_int,
+                   help="padded prompt tokens prefilled per engine step (default: 2 chunks)")
     p.add_argument("--decode-steps", type=positive_int,
                    help="decode steps per dispatch (default 8 CPU, 16 GPU)")
     p.add_argument("--max-queue", type=positive_int, default=256,
@@ -562,7 +569,8 @@ def _serve(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     engine_kw = {"page_size": args.page_size, "max_queue": args.max_queue}
-    for name in ("kv_cache", "max_slots", "num_pages", "prefill_chunk", "decode_steps"):
+    for name in ("kv_cache", "max_slots", "num_pages", "prefill_chunk", "prefill_budget",
+                 "decode_steps"):
         if getattr(args, name) is not None:
             engine_kw[name] = getattr(args, name)
     if args.kv_memory_gb is not None:

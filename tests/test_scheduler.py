@@ -5,7 +5,7 @@ import pytest
 
 from qoq_jax.kv_cache import PageAllocator
 from qoq_jax.sampling import SamplingParams
-from qoq_jax.scheduler import NeedsDrain, Scheduler, Sequence, Status, chunk_bucket
+from qoq_jax.scheduler import NeedsDrain, Scheduler, Sequence, Status, chunk_bucket, ladder
 
 
 def _sched(num_pages=64, page_size=4, slots=4, chunk=16, budget=None, steps=4):
@@ -45,8 +45,10 @@ class FakeDevice:
                 self.sched.finish(seq, "length")
 
 
-def test_chunk_buckets():
-    assert [chunk_bucket(n, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+def test_buckets():
+    assert [ladder(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [chunk_bucket(n, 64) for n in (1, 16, 17, 33, 49, 64)] == [16, 16, 32, 48, 64, 64]
+    assert chunk_bucket(300, 256) == 256
 
 
 def test_a_long_prompt_is_split_into_fixed_chunks():
@@ -79,7 +81,7 @@ def test_admission_respects_the_token_budget_and_slots():
     for i in range(5):
         s.add(_seq(i, 10))
     plan = s.schedule()
-    # three 10-token prompts would cost 4 x 16 = 64 padded tokens > 32: two fit
+    # three 10-token prompts would cost 3 x 16 = 48 padded tokens > 32: two fit
     assert [c.seq.seq_id for c in plan.prefill] == [0, 1]
     FakeDevice(s).run(plan)
     plan = s.schedule()
