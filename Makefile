@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   virtual environment (Python 3.12), install, fetch the default model, generate text
+#   make demo   virtual environment (Python 3.12), install, fetch the default model, quantize it
+#               with QoQ to W4A8KV4 (once, cached), generate text
 #   make test   the same environment plus the test oracle, then the whole test suite
 SHELL := /bin/bash
 VENV ?= .venv
@@ -32,7 +33,7 @@ assets: venv
 	$(PY) -m qoq_jax.assets fetch
 
 demo: venv
-	$(PY) -m qoq_jax.generate --chat --prompt "$(PROMPT)" --max-new-tokens 64
+	$(PY) -m qoq_jax.demo --prompt "$(PROMPT)" --max-new-tokens 64
 
 test: venv ref-venv assets
 	QOQ_REF_PYTHON=$(REF_VENV)/bin/python $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)

@@ -109,6 +109,29 @@ def default_model_dir() -> Path:
     return target
 
 
+# The demo's quantized default model: QoQ g128 with a small calibration set (a minute or two on
+# two CPU cores; docs/ACCURACY.md has the perplexity of larger calibration sets).
+DEMO_CALIBRATION = {"calib_samples": 16, "calib_seq_len": 256}
+
+
+def default_qoq_dir(progress: bool = True) -> Path:
+    """The default model quantized with QoQ W4A8KV4 (g128), converted once into the cache."""
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-qoq-g128"
+    if not (target / "config.json").exists():
+        with _locked("qoq-model"):
+            if not (target / "config.json").exists():
+                from qoq_jax.convert import convert
+                from qoq_jax.quant.config import QuantConfig
+
+                print(f"quantizing the default model with QoQ W4A8KV4 into {target} (once) ...",
+                      file=sys.stderr)
+                if target.exists():
+                    shutil.rmtree(target)
+                convert(None, str(target), QuantConfig(group_size=128, **DEMO_CALIBRATION),
+                        progress=progress)
+    return target
+
+
 def _cached_text(filename: str, source: tuple[str, str], sdist: bool = False) -> Path:
     target = cache_dir() / "text" / filename
     if not target.exists():

@@ -370,15 +370,14 @@ class Engine:
             m.num_layers, m.num_kv_heads, m.head_dim, self.dtype)
         page_bytes = per_token * self.page_size
         useful = 1 + self.max_slots * self.max_pages_per_seq  # more pages could never be used
+        free = available_memory()
         if cfg.num_pages is not None:
             num_pages = cfg.num_pages
         else:
-            budget = cfg.kv_memory or _default(None, min(2 << 30, available_memory() // 4),
-                                               available_memory() // 2)
+            budget = cfg.kv_memory or _default(None, min(2 << 30, free // 4), free // 2)
             num_pages = min(useful, max(2, budget // page_bytes))
         self.num_pages = num_pages
         self.kv_bytes = num_pages * page_bytes
-        free = available_memory()
         if self.kv_bytes > free:
             fits = max(0, free // page_bytes)
             raise EngineMemoryError(
@@ -528,10 +527,10 @@ class Engine:
             self._drain()
             return
         self._ensure_device_state()
-        if self.scheduler.waiting and self._pending:
-            # requests are waiting: read back first, so that what the last chunk finished frees
-            # its slots and pages now and the newcomers' prefill is not queued behind another
-            # decode chunk (time to first token over one chunk of overlap)
+        if self.scheduler.waiting and self.scheduler.free_slots and self._pending:
+            # newcomers can be admitted: read back first, so that they see the pages the last
+            # chunk freed and their prefill is not queued behind another decode chunk (time to
+            # first token over one chunk of overlap)
             self._drain()
         try:
             plan = self.scheduler.schedule(inflight=bool(self._pending))

@@ -102,9 +102,15 @@ def _run(args) -> int:
 
     compiles0, compile_s0 = COMPILES.count, COMPILES.seconds
     t0 = time.perf_counter()
+    failed = 0
     if args.stream:
-        for piece in llm.stream(prompts[0], chat=args.chat, stop=args.stop, params=sampling):
-            print(piece, end="", flush=True)
+        try:
+            for piece in llm.stream(prompts[0], chat=args.chat, stop=args.stop,
+                                    params=sampling):
+                print(piece, end="", flush=True)
+        except RuntimeError as e:  # the model produced non-finite logits
+            print(f"\nerror: {e}", file=sys.stderr)
+            failed = 1
         print(flush=True)
         n_tokens = llm.engine.stats["generated_tokens"]
     else:
@@ -112,6 +118,7 @@ def _run(args) -> int:
                   for i in range(len(prompts))]
         results = llm.generate(prompts, chat=args.chat, stop=args.stop, params=params)
         n_tokens = sum(len(r.token_ids) for r in results)
+        failed = sum(r.error is not None for r in results)
         for r in results:
             if args.json:
                 print(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
@@ -126,7 +133,7 @@ def _run(args) -> int:
     print(f"[{llm.source}, {llm.engine.kv_cache} KV cache: {n_tokens} tokens in {elapsed:.2f} s; "
           f"compilation {compile_s:.2f} s ({COMPILES.count - compiles0} programs), then "
           f"{n_tokens / steady:.1f} tokens/s]", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,54 @@
+"""The demo: the default model quantized with QoQ to W4A8KV4, then generation from it.
+
+    python -m qoq_jax.demo [--prompt "..."] [--max-new-tokens 64]
+
+The first run converts SmolLM2-135M-Instruct with QoQ (g128 weights, KV4 cache, a small
+calibration set; a minute or two on two CPU cores, with a progress bar) into the cache; later
+runs reuse it. Generation time is reported in two parts: the first call (which compiles the
+programs) and a second, steady-state call with the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from qoq_jax.cli import positive_int, run_cli, utf8_arg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qoq_jax.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", type=utf8_arg, default="What is the capital of France?")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    args = ap.parse_args(argv)
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
+    import qoq_jax
+    from qoq_jax import assets
+    from qoq_jax.engine import COMPILES
+
+    path = assets.default_qoq_dir()
+    llm = qoq_jax.load(path)
+    q = llm.config
+    print(f"model: {path.name} (W4A8 g128 weights, {llm.engine.kv_cache} KV cache; "
+          f"{q.num_layers} layers, hidden {q.hidden_size})", file=sys.stderr)
+    c0, s0, t0 = COMPILES.count, COMPILES.seconds, time.perf_counter()
+    out = llm.generate(args.prompt, chat=True, max_new_tokens=args.max_new_tokens)[0]
+    first = time.perf_counter() - t0
+    print(out.text, flush=True)
+    t1 = time.perf_counter()
+    again = llm.generate(args.prompt, chat=True, max_new_tokens=args.max_new_tokens)[0]
+    steady = time.perf_counter() - t1
+    n = len(again.token_ids)
+    print(f"[first call {first:.1f} s, of which compiling {COMPILES.seconds - s0:.1f} s "
+          f"({COMPILES.count - c0} programs); steady state: {n} tokens in {steady:.2f} s = "
+          f"{n / max(steady, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
