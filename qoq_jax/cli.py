@@ -13,6 +13,14 @@ class CliError(Exception):
     """A user error found by a CLI itself (printed as one line, exit status 2)."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr, 'error: ...' (no usage block), with
+    exit status 2 as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())}\n")
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

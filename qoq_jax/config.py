@@ -22,6 +22,53 @@ class UnsupportedModelError(ValueError):
     """The checkpoint uses an architecture or an option this library does not implement."""
 
 
+class ConfigError(ValueError):
+    """A config.json that is not valid JSON, lacks a required key or holds a wrong value."""
+
+
+_REQUIRED = object()
+
+
+def _int_field(hf: dict[str, Any], key: str, default: Any = _REQUIRED, *, positive: bool = True,
+               value: Any = _REQUIRED) -> int:
+    """An integer field of a config (given as `value`, or hf[key]), with a clear error."""
+    if value is _REQUIRED:
+        if key not in hf or hf[key] is None:
+            if default is _REQUIRED:
+                raise ConfigError(f"missing the required key {key!r}")
+            return default
+        value = hf[key]
+    try:
+        if isinstance(value, bool) or int(value) != value:
+            raise TypeError
+        v = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if positive and v < 1:
+        raise ConfigError(f"{key} must be >= 1, got {v}")
+    return v
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a config.json; errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        hf = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a config file") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object")
+    return hf
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -62,6 +109,19 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(hf).__name__}")
+        try:
+            return cls._from_hf_dict(hf)
+        except (UnsupportedModelError, ConfigError):
+            raise
+        except KeyError as e:
+            raise ConfigError(f"missing the required key {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ConfigError(f"invalid config: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(hf.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -72,10 +132,12 @@ class ModelConfig:
         if act != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {act!r}; supported: 'silu'")
 
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim") or hidden // num_heads
-        max_pos = int(hf.get("max_position_embeddings", 2048))
+        num_heads = _int_field(hf, "num_attention_heads")
+        hidden = _int_field(hf, "hidden_size")
+        head_dim = _int_field(hf, "head_dim", hidden // num_heads)
+        if head_dim < 1:
+            raise ConfigError(f"head_dim must be >= 1, got {head_dim}")
+        max_pos = _int_field(hf, "max_position_embeddings", 2048)
         max_pos = _limit_by_sliding_window(arch, hf, max_pos)
 
         theta, scaling = _rope_from_hf(hf)
@@ -88,13 +150,13 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
             architecture=arch,
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=_int_field(hf, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=_int_field(hf, "intermediate_size"),
+            num_layers=_int_field(hf, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
+            num_kv_heads=_int_field(hf, "num_key_value_heads", num_heads),
+            head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -113,9 +175,11 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        hf = read_config_json(path)
+        try:
+            return cls.from_hf_dict(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The inverse of from_hf_dict: a config.json that transformers loads as the same model."""

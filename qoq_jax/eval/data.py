@@ -16,12 +16,17 @@ def load_documents(path: str | Path) -> list[str]:
     """A .json file of documents (a list of strings, or of / a mapping to objects with an
     "extract" or "text" field) or any other file as one plain-text document."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no text file {path}")
+    text = read_text_file(path)
     if path.suffix.lower() != ".json":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    data = json.loads(path.read_text(encoding="utf-8"))
-    items = list(data.values()) if isinstance(data, dict) else list(data)
+        return [text]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, (dict, list)):
+        raise ValueError(f"{path}: a JSON file of documents must hold a list or an object, "
+                         f"not a {type(data).__name__}")
+    items = list(data.values()) if isinstance(data, dict) else data
     docs = []
     for item in items:
         if isinstance(item, str):
@@ -32,6 +37,24 @@ def load_documents(path: str | Path) -> list[str]:
             raise ValueError(f"{path}: documents must be strings or objects with an 'extract' "
                              f"or 'text' field, found {type(item).__name__}")
     return [d for d in docs if d.strip()]
+
+
+def read_text_file(path: str | Path) -> str:
+    """The text of a UTF-8 file; a binary file (not UTF-8, or with NUL bytes) is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no text file {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a text file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file: it is not UTF-8 (byte {e.start} is "
+                         f"{data[e.start]:#04x})") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} is not a text file: it contains NUL bytes")
+    return text
 
 
 def calibration_split(docs: list[str]) -> list[str]:

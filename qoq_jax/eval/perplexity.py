@@ -16,11 +16,12 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-from qoq_jax.cli import bounded_int, positive_int, run_cli
+from qoq_jax.cli import ArgumentParser, CliError, bounded_int, positive_int, run_cli
 
 
 def perplexity(llm, token_ids, *, seq_len: int = 2048, max_windows: int | None = None,
@@ -60,8 +61,8 @@ def resolve_text(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qoq_jax.eval.perplexity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m qoq_jax.eval.perplexity", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF directory, .gguf file, or quantized checkpoint "
                                     "(default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--text", default="wiki",
@@ -84,8 +85,14 @@ def _run(args) -> int:
     from qoq_jax.eval.data import load_documents, tokenize_joined
 
     kw = {} if args.kv_cache is None else {"kv_cache": args.kv_cache}
+    text = resolve_text(args.text)
+    if args.text not in ("wiki", "botchan") and not Path(text).exists():
+        raise CliError(f"--text {args.text}: no such file (give 'wiki', 'botchan', a text file "
+                       f"or a JSON file of documents)")
+    docs = load_documents(text)  # first: a bad file fails before the model is loaded
+    if not docs:
+        raise ValueError(f"the text {args.text} holds no document")
     llm = qoq_jax.load(args.model, dtype=args.dtype, **kw)
-    docs = load_documents(resolve_text(args.text))  # read from the start
     need = None if args.max_windows is None else args.max_windows * args.seq_len
     ids = tokenize_joined(llm.tokenizer, docs, need)
     result = perplexity(llm, ids, seq_len=args.seq_len, max_windows=args.max_windows,
