@@ -6,23 +6,25 @@
 import argparse
 import sys
 
+from qoq_jax.cli import ArgumentParser, run_cli
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf_file", help="the .gguf file (llama or qwen2 architecture)")
     parser.add_argument("out", help="output directory (must not exist, or be empty)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from qoq_jax.gguf import convert_gguf_to_hf
 
-    try:
+    def body() -> int:
+        from qoq_jax.gguf import convert_gguf_to_hf
+
         out = convert_gguf_to_hf(args.gguf_file, args.out, progress=not args.quiet)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from qoq_jax.cli import ArgumentParser, bounded_float, bounded_int, positive_int, run_cli, seed_arg
 from qoq_jax.quant.config import DEFAULT_PRESET, SMOOTH_PRESETS, QuantConfig
 
+MAX_CLIP_GRID = 1000
+unit_float = bounded_float(0.0, 1.0)
 
-def load_source(source: str | None):
+
+def load_source(source: str | None, *, progress: bool = True):
     """(ModelConfig, lazy weights, tokenizer, description) of an HF dir, a GGUF, or the default."""
     from qoq_jax.config import ModelConfig
     from qoq_jax.hf import SafetensorsCheckpoint, load_tokenizer
@@ -34,7 +38,7 @@ def load_source(source: str | None):
 
         from qoq_jax.gguf import build_tokenizer_files, read_gguf
 
-        cfg, _, weights, meta = read_gguf(path)
+        cfg, _, weights, meta = read_gguf(path, progress=progress)
         with tempfile.TemporaryDirectory() as tmp:
             build_tokenizer_files(meta, Path(tmp))
             tokenizer = load_tokenizer(tmp)
@@ -72,23 +76,62 @@ def quantize(cfg, weights, tokenizer, qcfg: QuantConfig, *, dtype=None, progress
     return build_quantized_model(qmodel_cfg, tensors, qcfg, resolve_dtype(dtype)), qcfg
 
 
+def check_weights(weights, progress: bool = True) -> None:
+    """Read every tensor once before hours of quantization: a NaN or an Inf (or a damaged
+    file) is found now, naming the tensor, not when the pipeline reaches it."""
+    from tqdm.auto import tqdm
+
+    from qoq_jax.hf import SafetensorsCheckpoint, check_finite
+
+    checked_on_read = isinstance(weights, SafetensorsCheckpoint) and weights.check_finite
+    for name in tqdm(list(weights), desc="checking weights", unit="tensor",
+                     disable=not progress):
+        w = weights[name]
+        if not checked_on_read:
+            check_finite(name, w)
+
+
 def convert(source: str | None, out: str, qcfg: QuantConfig, progress: bool = True) -> Path:
-    """Quantize `source` and write the checkpoint to `out` (atomically)."""
-    from qoq_jax import checkpoint
+    """Quantize `source` and write the checkpoint to `out` (atomically).
+
+    Everything that can be checked is checked before quantizing (which takes hours for a big
+    model): the output path (writable, not in the way, enough free space for the checkpoint),
+    the calibration text, every weight (no NaN/Inf). Partial directories left by a killed
+    earlier run of the same output are removed first (with a note on stderr)."""
+    from qoq_jax import checkpoint, fsutil
 
     out_path = Path(out)
-    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise FileExistsError(f"{out_path} exists and is not an empty directory")
-    cfg, weights, tokenizer, _ = load_source(source)
+    fsutil.note_stale_partials(out_path)
+    fsutil.check_output_dir(out_path)
+    if qcfg.needs_calibration and qcfg.calib_text:
+        calibration_docs(qcfg.calib_text)  # a missing or binary file fails now
+    cfg, weights, tokenizer, _ = load_source(source, progress=progress)
+    if qcfg.needs_calibration and qcfg.calib_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--calib-seq-len {qcfg.calib_seq_len} exceeds the model's context "
+                         f"({cfg.max_position_embeddings} tokens)")
+    expected = checkpoint.expected_size(cfg, qcfg)
+    fsutil.check_output_dir(out_path, expected)
+    check_weights(weights, progress=progress)
     model, qcfg = quantize(cfg, weights, tokenizer, qcfg, dtype="float32", progress=progress)
-    with checkpoint.atomic_directory(out_path) as tmp:
+    try:
+        checkpoint.check_finite_state(nnx_pure_state(model))
+    except ValueError as e:
+        raise ValueError(f"quantization produced a non-finite value: {e}") from None
+    fsutil.check_output_dir(out_path, expected)  # again: the disk may have filled meanwhile
+    with fsutil.atomic_directory(out_path) as tmp:
         checkpoint.save(model, qcfg, tokenizer, tmp)
     return out_path
 
 
+def nnx_pure_state(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.split(model)[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_hf_checkpoint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="convert_hf_checkpoint", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", help="HF checkpoint directory or .gguf file "
                                     "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
@@ -99,16 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-text", nargs="+", default=[], metavar="FILE",
                    help="calibration text (plain text or JSON documents); default: the second "
                         "half of the Wikipedia summaries")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (128)")
-    p.add_argument("--calib-seq-len", type=int, default=1024, help="tokens per sample (1024)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--calib-samples", type=positive_int, default=128,
+                   help="calibration samples (128; fewer if the text is shorter)")
+    p.add_argument("--calib-seq-len", type=positive_int, default=1024,
+                   help="tokens per sample (1024; at most the model's context)")
+    p.add_argument("--seed", type=seed_arg, default=42, help="calibration sampling seed "
+                                                            "in [0, 2^32) (42)")
     p.add_argument("--preset", choices=sorted(SMOOTH_PRESETS), default=DEFAULT_PRESET,
                    help="the paper's per-model output-smoothing (alpha, beta)")
-    p.add_argument("--smooth-alpha", type=float, help="override the preset's alpha")
-    p.add_argument("--smooth-beta", type=float, help="override the preset's beta")
-    p.add_argument("--smooth-attention-alpha", type=float, default=0.5)
-    p.add_argument("--clip-grid", type=int, default=80,
-                   help="clipping-search ratios between 1.0 and 0.2 (per-channel; 80)")
+    p.add_argument("--smooth-alpha", type=unit_float, help="override the preset's alpha "
+                                                           "(in [0, 1])")
+    p.add_argument("--smooth-beta", type=unit_float, help="override the preset's beta "
+                                                          "(in [0, 1])")
+    p.add_argument("--smooth-attention-alpha", type=unit_float, default=0.5,
+                   help="SmoothAttention's alpha in [0, 1] (0.5)")
+    p.add_argument("--clip-grid", type=bounded_int(1, MAX_CLIP_GRID), default=80,
+                   help=f"clipping-search ratios between 1.0 and 0.2 (per-channel; 80, at "
+                        f"most {MAX_CLIP_GRID})")
     for step in ("rotate", "smooth-attention", "smooth-out", "smooth-down", "reorder", "clip"):
         p.add_argument(f"--no-{step}", action="store_true", help=f"skip the {step} step")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -128,14 +178,14 @@ def config_from_args(args) -> QuantConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         qcfg = config_from_args(args)
         out = convert(args.hf_dir, args.out, qcfg, progress=not args.quiet)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from qoq_jax import fsutil
 from qoq_jax.config import ModelConfig, UnsupportedModelError
-from qoq_jax.hf import save_safetensors
+from qoq_jax.hf import check_finite, save_safetensors
 
 # GGUF architecture -> HF architecture; only these are read.
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -113,6 +112,7 @@ def read_gguf(path: str | os.PathLike, progress: bool = True):
             w = unpermute_rotary(w, n_heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):
             w = unpermute_rotary(w, n_kv)
+        check_finite(name, w)
         weights[name] = w
 
     tok_meta = {
@@ -183,23 +183,23 @@ def build_tokenizer_files(meta: dict, out_dir: Path) -> None:
 def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
                        progress: bool = True) -> Path:
     """Write an HF checkpoint directory; atomic (a failure leaves no half-written OUT)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
+    fsutil.note_stale_partials(out_dir)
+    fsutil.check_output_dir(out_dir)
     config, hf_config, weights, tok_meta = read_gguf(gguf_path, progress=progress)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    expected = sum(w.nbytes for w in weights.values()) + (64 << 20)
+    fsutil.check_output_dir(out_dir, expected)
     try:
-        save_safetensors(weights, tmp)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}))
-        build_tokenizer_files(tok_meta, tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with fsutil.atomic_directory(out_dir) as tmp:
+            save_safetensors(weights, tmp)
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {"bos_token_id": hf_config["bos_token_id"],
+                 "eos_token_id": hf_config["eos_token_id"]}))
+            build_tokenizer_files(tok_meta, tmp)
+    except Exception as e:
+        if isinstance(e, fsutil.OutputDirError):
+            raise
+        if isinstance(e, OSError) or fsutil.is_disk_full(e):
+            raise fsutil.write_error(out_dir, e) from e
         raise
-    return out_dir
+    return Path(out_dir)

@@ -22,10 +22,53 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, or does not match its config."""
 
 
-class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
-    """Read-only, lazy mapping from tensor name to numpy array (bf16 arrives as ml_dtypes.bfloat16)."""
+# Exponent masks by float width: a value is NaN or Inf when all its exponent bits are set.
+_EXPONENT_BITS = {2: None, 4: np.uint32(0x7F800000), 8: np.uint64(0x7FF0000000000000)}
+_CHUNK = 1 << 24  # elements checked at a time (bounded temporary memory)
 
-    def __init__(self, model_dir: str | os.PathLike):
+
+def count_nonfinite(a) -> int:
+    """How many NaN/Inf values a float array holds (0 for integer arrays). Works on numpy
+    float16/32/64, ml_dtypes' bfloat16 and the like, and on JAX arrays."""
+    a = np.asarray(a)
+    dt = np.dtype(a.dtype)
+    if dt.kind == "f":
+        width = dt.itemsize
+    elif dt.kind == "V" and dt.itemsize == 2 and "float" in dt.name:  # bfloat16 (ml_dtypes)
+        width = 2
+    else:
+        return 0
+    if width == 2:  # float16: 5 exponent bits; bfloat16: 8
+        mask = np.uint16(0x7C00 if dt == np.float16 else 0x7F80)
+        view = np.uint16
+    elif width in _EXPONENT_BITS:
+        mask, view = _EXPONENT_BITS[width], np.uint32 if width == 4 else np.uint64
+    else:  # long double and other exotic widths
+        return int(a.size - np.count_nonzero(np.isfinite(a)))
+    flat = np.ascontiguousarray(a).reshape(-1).view(view)
+    bad = 0
+    for i in range(0, flat.size, _CHUNK):
+        part = flat[i:i + _CHUNK]
+        bad += int(np.count_nonzero((part & mask) == mask))
+    return bad
+
+
+def check_finite(name: str, a) -> None:
+    """Raise CheckpointError naming the tensor if `a` holds a NaN or an Inf."""
+    n = count_nonfinite(a)
+    if n:
+        raise CheckpointError(
+            f"tensor {name!r} has {n} non-finite value{'s' if n > 1 else ''} (NaN/Inf)")
+
+
+class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
+    """Read-only, lazy mapping from tensor name to numpy array (bf16 arrives as ml_dtypes.bfloat16).
+
+    Every tensor read is checked for NaN/Inf (check_finite=False skips it): a model with a
+    non-finite weight fails at load, naming the tensor, instead of generating garbage."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, check_finite: bool = True):
+        self.check_finite = check_finite
         from safetensors import SafetensorError, safe_open
 
         self.dir = Path(model_dir)
@@ -59,9 +102,12 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
             raise KeyError(name)
         file = self._where[name]
         try:
-            return self._handles[file].get_tensor(name)
+            w = self._handles[file].get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.dir / file}: {e}") from e
+        if self.check_finite:
+            check_finite(name, w)
+        return w
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -113,7 +113,7 @@ def test_convert_cli(tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
-    assert again.returncode == 1 and "not an empty directory" in again.stderr
+    assert again.returncode == 1 and "already exists and is not empty" in again.stderr
     gen = subprocess.run([sys.executable, "-m", "qoq_jax.generate", "--model", str(out),
                           "--prompt", "the model", "--max-new-tokens", "4", "--json"],
                          capture_output=True, text=True, cwd=REPO)
