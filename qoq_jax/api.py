@@ -155,13 +155,15 @@ class LLM:
 
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
-         **engine_kwargs) -> LLM:
+         verify_checkpoint: bool | None = None, **engine_kwargs) -> LLM:
     """Load a model for generation.
 
     path: None (the embedded default model), a Hugging Face checkpoint directory, a .gguf file,
     or a quantized checkpoint written by convert_hf_checkpoint (then it runs W4A8 with a KV4
     cache). quantize: a QuantConfig (or "qoq" / "rtn") to quantize a float model on the fly.
-    Engine keywords (kv_cache="16bit" | "kv4", page_size, ...) pass through.
+    verify_checkpoint: check a quantized checkpoint's checksums (default: yes, unless
+    QOQ_JAX_VERIFY_CHECKPOINTS=0). Engine keywords (kv_cache="16bit" | "kv4", page_size,
+    max_slots, num_pages, kv_memory, ...: see EngineConfig) pass through.
     """
     from qoq_jax import checkpoint
     from qoq_jax.convert import load_source, quantize as run_quantize
@@ -178,7 +180,7 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
         if checkpoint.is_quantized_checkpoint(p):
             if quantize is not None:
                 raise ValueError(f"{p} is already quantized")
-            model, qcfg = checkpoint.load_model(p, dtype)
+            model, qcfg = checkpoint.load_model(p, dtype, verify=verify_checkpoint)
             engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
             return LLM(model, load_tokenizer(p), source=str(p), **engine_kwargs)
     cfg, weights, tokenizer, source = load_source(None if path is None else str(path))

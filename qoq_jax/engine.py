@@ -318,9 +318,12 @@ class _Pending:
     steps: int = 0
 
 
-def _put(x: np.ndarray) -> jax.Array:
-    """Host -> device. (jnp.asarray would compile a small program for every new shape.)"""
-    return jax.device_put(x)
+def _put(x):
+    """Host -> device, committed to the default device. Every input of the engine's programs
+    goes through here: jit's cache tells committed arrays (its own outputs) from uncommitted
+    ones and would compile each program twice; and jnp.asarray would compile a small program
+    for every new shape."""
+    return jax.device_put(x, jax.devices()[0])
 
 
 def _default(value, cpu, gpu):
@@ -353,7 +356,8 @@ class Engine:
         self.engine_config = cfg
         self.model_config = self.config = model.config
         self.dtype = model.dtype
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, params = nnx.split(model)
+        self.params = _put(params)
         self.kv_cache = cfg.kv_cache
         self.page_size = cfg.page_size
         m = model.config
@@ -507,9 +511,11 @@ class Engine:
     def _ensure_device_state(self) -> None:
         if self._cache is None:
             m = self.model_config
-            self._cache = make_cache(self.kv_cache, m.num_layers, self.num_pages, self.page_size,
-                                     m.num_kv_heads, m.head_dim, self.dtype)
-            self._state = SlotState.idle(self._rows, self.max_stop_ids)
+            # Committed to the device, like every input of the engine's programs (see _put)
+            self._cache = _put(make_cache(self.kv_cache, m.num_layers, self.num_pages,
+                                          self.page_size, m.num_kv_heads, m.head_dim,
+                                          self.dtype))
+            self._state = _put(SlotState.idle(self._rows, self.max_stop_ids))
 
     def step(self) -> None:
         """Admit, prefill, decode one chunk, and read back the previous one."""
@@ -838,23 +844,24 @@ class Engine:
         before = COMPILES.count
         w = self.max_stop_ids
         for bp, cb in self.prefill_shapes():
-            zi = jnp.zeros((bp,), jnp.int32)
-            rows = RowParams(jnp.ones((bp,), jnp.int32), jnp.zeros((bp,), jnp.float32), zi,
-                             jnp.ones((bp,), jnp.float32), jnp.zeros((bp,), jnp.uint32),
-                             jnp.full((bp, w), -1, jnp.int32))
+            zi = np.zeros((bp,), np.int32)
+            rows = RowParams(_put(np.ones((bp,), np.int32)), _put(np.zeros((bp,), np.float32)),
+                             _put(zi), _put(np.ones((bp,), np.float32)),
+                             _put(np.zeros((bp,), np.uint32)),
+                             _put(np.full((bp, w), -1, np.int32)))
             _, self._state, self._cache = _prefill(
                 self.graphdef, self.params, self._cache, self._state, self._table_dev,
-                jnp.zeros((bp, cb), jnp.int32), zi, zi, jnp.full((bp,), -1, jnp.int32),
-                jnp.full((bp,), self._rows, jnp.int32), rows, jnp.full((bp,), -1, jnp.int32),
-                n_top=self.max_logprobs)
+                _put(np.zeros((bp, cb), np.int32)), _put(zi), _put(zi),
+                _put(np.full((bp,), -1, np.int32)), _put(np.full((bp,), self._rows, np.int32)),
+                rows, _put(np.full((bp,), -1, np.int32)), n_top=self.max_logprobs)
         for rows in self.decode_shapes():
             for greedy in (True, False):
                 _, self._state, self._cache = _decode(
                     self.graphdef, self.params, self._cache, self._state, self._table_dev,
-                    jnp.full((rows, self.decode_steps), -1, jnp.int32), rows=rows,
+                    _put(np.full((rows, self.decode_steps), -1, np.int32)), rows=rows,
                     steps=self.decode_steps, all_greedy=greedy, splits=self.splits,
                     n_top=self.max_logprobs)
-        self._state = _retire(self._state, jnp.zeros((self._rows,), bool))
+        self._state = _retire(self._state, _put(np.zeros((self._rows,), bool)))
         jax.block_until_ready(self._cache)
         return COMPILES.count - before
 

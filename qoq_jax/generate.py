@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from qoq_jax.cli import (CliError, bounded_float, bounded_int, page_size_arg, positive_int,
-                         read_prompts_file, run_cli, seed_arg, utf8_arg)
+from qoq_jax.cli import (ArgumentParser, CliError, bounded_float, bounded_int, page_size_arg,
+                         positive_int, read_prompts_file, run_cli, seed_arg, utf8_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qoq_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m qoq_jax.generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="quantized checkpoint, HF checkpoint directory or .gguf file "
                                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompt", action="append", default=[], type=utf8_arg,

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qoq_jax.cli import bounded_int, page_size_arg, positive_int, run_cli
+from qoq_jax.cli import ArgumentParser, bounded_int, page_size_arg, positive_int, run_cli
 from qoq_jax.engine import EngineBusyError
 
 log = logging.getLogger("qoq_jax.serve")
@@ -512,8 +512,8 @@ def create_app(llm, *, model_name: str, api_key: str | None = None,
 # command line
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m qoq_jax.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m qoq_jax.serve", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="quantized checkpoint, HF checkpoint directory or .gguf file "
                                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name",
