@@ -4,6 +4,7 @@ and one error line (no traceback) for every failure a user can cause."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -96,10 +97,38 @@ def read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
+def enable_compilation_cache() -> Path | None:
+    """Keep compiled XLA programs on disk between runs of the command-line tools.
+
+    A CLI run compiles a dozen programs (prefill and decode shapes) every start; with the cache a
+    second start loads them instead (on CPU: `generate` starts in 7 s instead of 13). The cache
+    lives in $QOQ_JAX_CACHE/xla (capped at 2 GiB, least recently used entries go first); an
+    explicit $JAX_COMPILATION_CACHE_DIR wins, and QOQ_JAX_COMPILATION_CACHE=0 turns it off.
+    Library users (`import qoq_jax`) are left alone: their process, their JAX configuration.
+    """
+    import jax
+
+    from qoq_jax.assets import cache_dir
+
+    if os.environ.get("QOQ_JAX_COMPILATION_CACHE", "1") == "0":
+        return None
+    if jax.config.jax_compilation_cache_dir:  # set by the user (JAX_COMPILATION_CACHE_DIR)
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Our programs compile in well under JAX's default 1 s threshold; cache them all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", 2 << 30)
+    return path
+
+
 def run_cli(body: Callable[[], int]) -> int:
-    """Run a CLI's body; a user error becomes one 'error: ...' line on stderr."""
+    """Run a CLI's body (with the on-disk compilation cache, see enable_compilation_cache); a user
+    error becomes one 'error: ...' line on stderr."""
     from qoq_jax.engine import EngineMemoryError, QueueFullError
 
+    enable_compilation_cache()
     try:
         return body()
     except CliError as e:

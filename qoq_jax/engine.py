@@ -141,6 +141,8 @@ class _CompileLog:
         self._lock = threading.Lock()
 
     def __call__(self, event: str, duration: float, **_):
+        # Fired for a program compiled and for one loaded from the on-disk compilation cache
+        # (the CLIs turn it on): either way a jit cache miss, which a steady state must not have.
         if event == "/jax/core/compile/backend_compile_duration":
             with self._lock:
                 self.count += 1

@@ -1,7 +1,17 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Tests run on CPU (CI and the development machines have no GPU). A GPU run sets it itself.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One on-disk compilation cache for the whole run: both xdist workers and every subprocess the
+# tests start (CLIs, the server, the notebook's kernel) load a program another one compiled.
+# Cached executables are keyed by the program, the options and the jax version, so they never
+# change a result; the engine counts a load from the cache as a compile all the same.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(tempfile.gettempdir()) / f"qoq-jax-tests-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -1,7 +1,11 @@
 """Batch invariance on the real default model (a correctness requirement of the engine): a
 request's greedy tokens are the same alone, in a batch of 32 prompts of mixed lengths, and after
 being preempted and recomputed; for the float model and QoQ W4A8 (g128 and per-channel), with the
-16-bit and the KV4 cache."""
+16-bit and the KV4 cache.
+
+The QoQ models are quantized with a small calibration and without GPTQ's rounding search: those
+change which integers the weights hold, not the runtime path (the same packed formats, INT8
+activations and KV4 cache), which is what batch invariance is about; it keeps CI short."""
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ from qoq_jax.engine import Engine
 
 pytestmark = pytest.mark.slow
 
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,12 @@ def prompts(fp):
 def _check(model, prompts, kv_cache):
     # A pool too small for 32 sequences at once (16 run together): the batch run preempts.
     engine = Engine(model, kv_cache=kv_cache, max_slots=16, prefill_chunk=128,
-                    prefill_budget=512, num_pages=40)
+                    prefill_budget=512, num_pages=24)
     params = qoq_jax.SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=())
     batch = engine.generate(prompts, params)
     preempted = [i for i, r in enumerate(batch) if r.preemptions]
     assert preempted, "the workload was meant to preempt"
-    check = sorted({0, 7, len(prompts) - 1, *preempted[:3]})
+    check = sorted({0, len(prompts) - 1, *preempted[:2]})
     for i in check:
         alone = engine.generate([prompts[i]], params)[0]
         assert alone.preemptions == 0
@@ -62,6 +66,6 @@ def test_qoq_model(prompts, group_size):
     from qoq_jax.quant.config import QuantConfig
 
     q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
-        group_size=group_size, calib_samples=4, calib_seq_len=128, clip_grid=8))
+        group_size=group_size, calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False))
     for kv_cache in ("16bit", "kv4"):
         _check(q.model, prompts, kv_cache)

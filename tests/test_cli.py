@@ -138,3 +138,36 @@ def test_generate_quantizes_on_the_fly():
     assert r.returncode == 0, r.stderr
     assert "rtn on the fly" in r.stderr and "kv4 KV cache" in r.stderr
     assert "Paris" in r.stdout
+
+
+_CACHE_PROBE = """
+import jax, numpy as np
+from qoq_jax.cli import enable_compilation_cache
+from qoq_jax.engine import COMPILES
+path = enable_compilation_cache()
+jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+print(path, COMPILES.count)
+"""
+
+
+def test_the_command_line_tools_keep_compiled_programs_on_disk(tmp_path):
+    """The CLIs' on-disk compilation cache: the first process compiles, the second loads (and the
+    engine's compile counter sees both); QOQ_JAX_COMPILATION_CACHE=0 turns it off."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(QOQ_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+
+    def probe(**extra):
+        r = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True,
+                           cwd=REPO, env={**env, **extra}, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        path, count = r.stdout.split()
+        return path, int(count)
+
+    assert probe() == (str(tmp_path / "xla"), 1)
+    entries = list((tmp_path / "xla").iterdir())
+    assert entries, "nothing was written to the cache"
+    assert probe() == (str(tmp_path / "xla"), 1)  # loaded from the cache: still counted
+    assert len(list((tmp_path / "xla").iterdir())) == len(entries)  # and not compiled again
+    assert probe(QOQ_JAX_COMPILATION_CACHE="0") == ("None", 1)

@@ -65,16 +65,6 @@ def test_greedy_tokens_match_transformers(llm, oracle):
         "The capital of France is Paris.")
 
 
-def test_batch_equals_each_prompt_alone(llm):
-    prompts = [llm.encode(p, chat=True) for p in PROMPTS]
-    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths
-    params = qoq_jax.SamplingParams(max_new_tokens=24)
-    batched = llm.engine.generate(prompts, params)
-    for p, b in zip(prompts, batched):
-        alone = llm.engine.generate([p], params)[0]
-        assert b.tokens == alone.tokens
-
-
 def test_sampling_in_a_batch_is_independent_of_the_batch(llm):
     prompts = [llm.encode(p, chat=True) for p in PROMPTS[:3]]
     params = qoq_jax.SamplingParams(max_new_tokens=16, temperature=0.8, top_k=40, top_p=0.9,
@@ -113,19 +103,3 @@ def test_float_perplexity_matches_transformers(llm, oracle):
     expected = math.exp(sum(nll_sums) / (PPL_WINDOWS * (PPL_LEN - 1)))
     got = perplexity(llm, _wiki_ids(llm), seq_len=PPL_LEN, progress=False)["perplexity"]
     assert abs(got / expected - 1) < 1e-4, (got, expected)
-
-
-def test_qoq_beats_rtn_on_real_text(llm):
-    """A short run on the real model: QoQ (g128, small calibration) has lower perplexity than
-    round-to-nearest W4A8KV4, and both stay within reach of the float model."""
-    from qoq_jax.eval.perplexity import perplexity
-    from qoq_jax.quant.config import QuantConfig
-
-    ids = _wiki_ids(llm)
-    fp = perplexity(llm, ids, seq_len=PPL_LEN, progress=False)["perplexity"]
-    result = {}
-    for method in ("rtn", "qoq"):
-        q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
-            method=method, group_size=128, calib_samples=8, calib_seq_len=256))
-        result[method] = perplexity(q, ids, seq_len=PPL_LEN, progress=False)["perplexity"]
-    assert fp < result["qoq"] < result["rtn"] < 3 * fp, (fp, result)

@@ -40,17 +40,25 @@ def _prompts(n, seed=0, vocab=100, longest=40):
 
 
 def _reference_greedy(model, prompt, n):
-    """Greedy decoding by re-running the whole sequence through prefill each step (no cache reuse)."""
-    toks = list(prompt)
-    out = []
-    for _ in range(n):
+    """Greedy decoding by re-running the whole sequence through prefill each step (no cache reuse).
+    The sequence is right-padded to its final length so that one program serves every step."""
+    from flax import nnx
+
+    @nnx.jit
+    def last_logits(model, tokens, length):
         cache = PagedKVCache.zeros(model.config.num_layers, 17, 8, model.config.num_kv_heads,
                                    model.config.head_dim, jnp.float32)
         table = jnp.arange(1, 17, dtype=jnp.int32)[None]
-        logits, _ = prefill(model, jnp.asarray([toks]), jnp.asarray([len(toks)]), cache, table)
-        nxt = int(jnp.argmax(logits[0]))
+        return prefill(model, tokens, length, cache, table)[0][0]
+
+    toks = np.zeros((1, len(prompt) + n), np.int32)
+    toks[0, :len(prompt)] = prompt
+    out = []
+    for i in range(n):
+        length = len(prompt) + i
+        nxt = int(jnp.argmax(last_logits(model, jnp.asarray(toks), jnp.asarray([length]))))
         out.append(nxt)
-        toks.append(nxt)
+        toks[0, length] = nxt
     return out
 
 
