@@ -60,8 +60,10 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> Non
 
 
 def start_ours(model: str | None, variant: str, port: int, extra: list[str]) -> subprocess.Popen:
+    # --warmup: every prefill and decode shape compiled before serving, as a deployment would
+    # start it (the load's own warm-up round does not reach every shape the load meets).
     cmd = [sys.executable, "-m", "qoq_jax.serve", "--port", str(port), "--log-level", "warning",
-           "--served-model-name", "model", *extra]
+           "--served-model-name", "model", "--warmup", *extra]
     if model:
         cmd += ["--model", model]
     if variant == "w4a8kv4":
