@@ -36,7 +36,7 @@ from flax import nnx
 
 from qoq_jax import fsutil
 from qoq_jax.config import ConfigError, ModelConfig, read_config_json
-from qoq_jax.hf import CheckpointError, count_nonfinite
+from qoq_jax.hf import CheckpointError, check_finite, count_nonfinite
 from qoq_jax.quant.config import QuantConfig
 
 FORMAT_VERSION = 1
@@ -96,28 +96,17 @@ def _flat(tree, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
         yield prefix, tree
 
 
-def _tensor_name(path: tuple, layer: int | None = None) -> str:
-    from qoq_jax.model import hf_name
-
-    return hf_name(path, layer)
-
-
 def check_finite_state(pure) -> None:
     """Raise CheckpointError naming the first float tensor (per layer) with a NaN or an Inf."""
+    from qoq_jax.model import hf_name
+
     for path, a in _flat(pure):
         if not count_nonfinite(a):
             continue
         a = np.asarray(a)
-        if path[0] == "layers":
-            for i in range(a.shape[0]):
-                n = count_nonfinite(a[i])
-                if n:
-                    break
-            name = _tensor_name(path, i)
-        else:
-            name, n = _tensor_name(path), count_nonfinite(a)
-        raise CheckpointError(
-            f"tensor {name!r} has {n} non-finite value{'s' if n > 1 else ''} (NaN/Inf)")
+        for i in range(a.shape[0]) if path[0] == "layers" else ():
+            check_finite(hf_name(path, i), a[i])
+        check_finite(hf_name(path), a)
 
 
 def _sha256(path: Path) -> tuple[int, str]:

@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=page_size_arg,
                    help="prompt tokens per prefill chunk, a power of two (default 512 CPU, 1024 GPU)")
     p.add_argument("--prefill-budget", type=positive_int,
-                   help="padded prompt tokens prefilled per engine step (default: 2 chunks)")
+                   help="padded prompt tokens prefilled per engine step (default: one chunk)")
     p.add_argument("--decode-steps", type=positive_int,
                    help="decode steps per dispatch (default 8 CPU, 16 GPU)")
     p.add_argument("--max-queue", type=positive_int, default=256,
