@@ -1,11 +1,18 @@
-"""W4A8 GEMM vs bf16 jnp.dot vs int8 x int8 jnp.dot (W8A8), side by side on one GPU.
+"""W4A8 GEMM (Triton and Mosaic GPU kernels) vs bf16 jnp.dot vs int8 x int8 jnp.dot (W8A8).
 
 Llama-3-8B shapes (N x K: fused qkv 6144x4096, o 4096x4096, fused gate/up 28672x4096,
-down 4096x14336), M = 1 .. 4096. W4A8 runs per-channel and g128, with the activation
-quantization included ("+q": bf16 in, the fused quantize kernel then the GEMM) and excluded.
-Weight copies are rotated so the working set exceeds L2; times are medians.
+down 4096x14336), M = 1 .. 4096. W4A8 runs per-channel and g128 with both Pallas kernels
+("triton": w4a8_matmul_pallas, "mosaic": the Hopper kernel w4a8_matmul_mgpu, sm_90 only), and
+g128 with the activation quantization included ("+q": bf16 in, the fused quantize kernel then
+the GEMM the device's "auto" backend picks). Weight copies are rotated so the working set
+exceeds L2; times are medians. JSON keys w4a8_pc_us / w4a8_g128_us are the Triton kernel's,
+mosaic_pc_us / mosaic_g128_us the Mosaic kernel's.
 
-    PYTHONPATH=. python benchmarks/gemm.py [--quick]
+    PYTHONPATH=. python benchmarks/gemm.py [--quick] [--no-mosaic] [--mgpu-sweep]
+
+--mgpu-sweep times alternative Mosaic configs (g128, first shape only, candidates deduplicated
+after fitting to the shape) per M and prints the fastest three: the table MGPU_GEMM_CONFIGS in
+pallas_kernels/w4a8_matmul_mgpu.py is untuned until someone runs it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from _timing import copies_for, header, save, time_fn  # noqa: E402
 from pallas_kernels import packing  # noqa: E402
 from pallas_kernels.quantize import quantize_per_token  # noqa: E402
 from pallas_kernels.w4a8_matmul import w4a8_matmul  # noqa: E402
+from pallas_kernels.w4a8_matmul_mgpu import (MGPU_GEMM_CONFIGS, MgpuGemmConfig,  # noqa: E402
+                                             config_for)
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 16, 64, 256, 1024, 4096]
@@ -46,38 +55,70 @@ def random_w4(n, k, group, seed):
                            jnp.asarray(s2), jnp.asarray((z * s2).astype(np.uint8)), group)
 
 
+def sweep_configs() -> list[MgpuGemmConfig]:
+    """Candidate Mosaic configs for --mgpu-sweep (block_m is fitted to M by config_for)."""
+    out = []
+    for bn in (64, 128):
+        for bm in (8, 16, 32, 64, 128, 256):
+            for bk in (256, 512):
+                for stages in (3, 4):
+                    for split in (None, 1):
+                        if bn * bm > 128 * 128 or stages * (bn * bk // 2 + bm * bk) > 160 * 1024:
+                            continue  # accumulator registers, shared memory
+                        out.append(MgpuGemmConfig(block_n=bn, block_m=bm, block_k=bk,
+                                                  max_concurrent_steps=stages, split_k=split))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes, kernels in interpret mode: checks the script on a CPU")
+    ap.add_argument("--no-mosaic", action="store_true",
+                    help="skip the Mosaic GPU kernel (it needs sm_90: H100/H200)")
+    ap.add_argument("--mgpu-sweep", action="store_true",
+                    help="also time candidate Mosaic configs (g128) per shape and M")
     args = ap.parse_args(argv)
     shapes = SHAPES[:2] if args.quick else SHAPES
     ms = [1, 16, 64, 256, 1024] if args.quick else MS
     iters = 10 if args.quick else 30
-    kernel = dict(backend="pallas")
+    interpret = False
     if args.smoke:
-        shapes, ms, iters, kernel = [(256, 512)], [1, 16], 2, dict(interpret=True)
+        shapes, ms, iters, interpret = [(256, 512)], [1, 16], 2, True
+    triton = dict(backend="triton", interpret=interpret)
+    mosaic = dict(backend="mosaic", interpret=interpret)
+    auto = dict(backend="triton", interpret=True) if interpret else dict(backend="auto")
+    quant = dict(interpret=True) if interpret else dict(backend="auto")
+    with_mosaic = not args.no_mosaic
+
+    def rotate(n):  # interpret mode is slow per call: two copies are enough to check the script
+        return 2 if interpret else n
 
     bf16_dot = jax.jit(lambda x, w: jax.lax.dot_general(
         x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(jnp.bfloat16))
     i8_dot = jax.jit(lambda x, w: jax.lax.dot_general(
         x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32))
-    gemm = jax.jit(lambda a, w: w4a8_matmul(a, w, jnp.bfloat16, **kernel))
-    gemm_q = jax.jit(lambda x, w, s: w4a8_matmul(quantize_per_token(x, with_sum=s, **kernel),
-                                                 w, jnp.bfloat16, **kernel),
+    gemm_t = jax.jit(lambda a, w: w4a8_matmul(a, w, jnp.bfloat16, **triton))
+    gemm_m = jax.jit(lambda a, w: w4a8_matmul(a, w, jnp.bfloat16, **mosaic))
+    gemm_cfg = jax.jit(lambda a, w, cfg: w4a8_matmul(a, w, jnp.bfloat16, config=cfg, **mosaic),
+                       static_argnums=2)
+    gemm_q = jax.jit(lambda x, w, s: w4a8_matmul(quantize_per_token(x, with_sum=s, **quant),
+                                                 w, jnp.bfloat16, **auto),
                      static_argnums=2)
 
     rows = []
-    print("| N x K | M | bf16 us | w8a8 us | w4a8 pc us | w4a8 g128 us | g128+q us | "
-          "bf16/g128 | bf16/pc | g128 weight GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| N x K | M | bf16 us | w8a8 us | triton pc us | triton g128 us | mosaic pc us | "
+          "mosaic g128 us | g128+q us | bf16/triton g128 | bf16/mosaic g128 | "
+          "best g128 weight GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    sweep = []
     for n, k in shapes:
         key = jax.random.key(n + k)
-        nb = copies_for(n * k * 2)
-        n8 = copies_for(n * k)
-        n4 = copies_for(n * k // 2)
+        nb = rotate(copies_for(n * k * 2))
+        n8 = rotate(copies_for(n * k))
+        n4 = rotate(copies_for(n * k // 2))
         wb = [jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.bfloat16) * 0.02
               for i in range(nb)]
         w8 = [jax.random.randint(jax.random.fold_in(key, 100 + i), (n, k), -127, 128,
@@ -86,22 +127,45 @@ def main(argv=None):
         wg = [random_w4(n, k, 128, i) for i in range(n4)]
         for m in ms:
             x = jax.random.normal(jax.random.fold_in(key, 7), (m, k), jnp.bfloat16)
-            act = quantize_per_token(x, with_sum=True, **kernel)
+            act = quantize_per_token(x, with_sum=True, **quant)
             t_bf = time_fn(bf16_dot, [(x, w) for w in wb], iters)
             t_i8 = time_fn(i8_dot, [(act.values, w) for w in w8], iters)
-            t_pc = time_fn(gemm, [(act, w) for w in wpc], iters)
-            t_g = time_fn(gemm, [(act, w) for w in wg], iters)
+            t_pc = time_fn(gemm_t, [(act, w) for w in wpc], iters)
+            t_g = time_fn(gemm_t, [(act, w) for w in wg], iters)
+            nan = float("nan")
+            t_mpc = time_fn(gemm_m, [(act, w) for w in wpc], iters) if with_mosaic else nan
+            t_mg = time_fn(gemm_m, [(act, w) for w in wg], iters) if with_mosaic else nan
             t_gq = time_fn(gemm_q, [(x, w, False) for w in wg], iters)
-            gbps = (n * k / 2) / t_g / 1e9
+            best = min(t_g, t_mg) if with_mosaic else t_g
+            gbps = (n * k / 2) / best / 1e9
             row = dict(n=n, k=k, m=m, bf16_us=t_bf * 1e6, w8a8_us=t_i8 * 1e6,
-                       w4a8_pc_us=t_pc * 1e6, w4a8_g128_us=t_g * 1e6, w4a8_g128_q_us=t_gq * 1e6,
-                       g128_weight_GBps=gbps)
+                       w4a8_pc_us=t_pc * 1e6, w4a8_g128_us=t_g * 1e6,
+                       mosaic_pc_us=t_mpc * 1e6, mosaic_g128_us=t_mg * 1e6,
+                       w4a8_g128_q_us=t_gq * 1e6, g128_weight_GBps=gbps)
             rows.append(row)
             print(f"| {n}x{k} | {m} | {t_bf * 1e6:.1f} | {t_i8 * 1e6:.1f} | {t_pc * 1e6:.1f} | "
-                  f"{t_g * 1e6:.1f} | {t_gq * 1e6:.1f} | {t_bf / t_g:.2f}x | {t_bf / t_pc:.2f}x | "
-                  f"{gbps:.0f} |", flush=True)
+                  f"{t_g * 1e6:.1f} | {t_mpc * 1e6:.1f} | {t_mg * 1e6:.1f} | {t_gq * 1e6:.1f} | "
+                  f"{t_bf / t_g:.2f}x | {t_bf / t_mg:.2f}x | {gbps:.0f} |", flush=True)
+            if args.mgpu_sweep and with_mosaic and (n, k) == shapes[0]:
+                times = []
+                cands = sweep_configs() if not interpret else [MGPU_GEMM_CONFIGS[0][1]]
+                fitted = {}
+                for cfg in cands:  # block_m shrinks to M, split_k resolves: many coincide
+                    fitted.setdefault(config_for(m, n, k, base=cfg), cfg)
+                for cfg in fitted:
+                    try:
+                        t = time_fn(lambda a, w, c=cfg: gemm_cfg(a, w, c),
+                                    [(act, w) for w in wg], max(3, iters // 3))
+                    except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded
+                        print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                        continue
+                    times.append((t, cfg))
+                times.sort(key=lambda tc: tc[0])
+                for t, cfg in times[:3]:
+                    print(f"  sweep {n}x{k} M={m}: {t * 1e6:.1f} us  {cfg}", flush=True)
+                sweep += [dict(n=n, k=k, m=m, us=t * 1e6, config=str(cfg)) for t, cfg in times]
         del wb, w8, wpc, wg
-    save("gemm", {**header(), "rows": rows})
+    save("gemm", {**header(), "rows": rows, "mgpu_sweep": sweep})
 
 
 if __name__ == "__main__":

@@ -19,10 +19,16 @@ log="$OUT/gpu_check.log"
   echo "== kernel correctness (compiled)"
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_quantize.py \
       tests/test_w4a8_matmul.py tests/test_kv4.py tests/test_attention.py -k "not lowers"
+  echo "== Mosaic GPU W4A8 GEMM (compiled; sm_90 only, first run on a GPU)"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_w4a8_mgpu.py -k "not lowers"
   echo "== engine on the GPU (Pallas kernels in the whole model)"
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py \
       -k "batch_of_different or kv4_batch or preemption or chunks" 
-  echo "== gemm"; timeout 300 python3 benchmarks/gemm.py $QUICK
+  echo "== gemm (triton and mosaic kernels)"; timeout 300 python3 benchmarks/gemm.py $QUICK
+  if [ -z "$QUICK" ]; then
+    echo "== mosaic GEMM config sweep (first shape)"
+    mkdir -p "$OUT/sweep"; OUT=$OUT/sweep timeout 400 python3 benchmarks/gemm.py --quick --mgpu-sweep
+  fi
   echo "== attention"; timeout 300 python3 benchmarks/attention.py $QUICK
   echo "== throughput (Llama-3-8B shapes, 1024 in / 512 out)"
   if [ -n "$QUICK" ]; then

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("auto", "pallas", "xla")
+# The W4A8 GEMM has two Pallas kernels: "mosaic" (Mosaic GPU, sm_90 only) and "triton".
+GEMM_BACKENDS = ("auto", "pallas", "mosaic", "triton", "xla")
+SM90_DEVICE_KINDS = ("H100", "H200", "H800", "GH200")
 
 def round_half_even(v: jax.Array) -> jax.Array:
     """Round float32 to the nearest integer, ties to even, with ops Triton can lower.
@@ -29,13 +32,16 @@ _auto_override: list[str] = []
 
 @contextlib.contextmanager
 def default_backend(backend: str):
-    """Within the block, backend="auto" means `backend` ("pallas" or "xla").
+    """Within the block, backend="auto" means `backend` ("pallas", "xla", "mosaic", "triton").
 
     Lets a whole model be traced with the Pallas kernels on a machine without a GPU (to lower it
-    for CUDA), or with the XLA references on a GPU (to compare).
+    for CUDA), or with the XLA references on a GPU (to compare). "mosaic" and "triton" pick the
+    W4A8 GEMM's kernel and mean "pallas" for every other op (they have Triton kernels only).
+    Transitional: the model will carry its resolved GEMM backend (resolve_gemm_backend) itself.
     """
-    if backend not in ("pallas", "xla"):
-        raise ValueError(f"default backend must be 'pallas' or 'xla', not {backend!r}")
+    if backend not in ("pallas", "xla", "mosaic", "triton"):
+        raise ValueError("default backend must be 'pallas', 'xla', 'mosaic' or 'triton', "
+                         f"not {backend!r}")
     _auto_override.append(backend)
     try:
         yield
@@ -47,6 +53,8 @@ def use_pallas(backend: str, interpret: bool) -> bool:
     """auto = Pallas on a GPU, XLA elsewhere; interpret=True runs the Pallas kernel on CPU."""
     if backend == "auto" and _auto_override:
         backend = _auto_override[-1]
+        if backend in ("mosaic", "triton"):
+            backend = "pallas"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if interpret:
@@ -56,6 +64,54 @@ def use_pallas(backend: str, interpret: bool) -> bool:
     if backend == "auto":
         return jax.default_backend() == "gpu"
     return backend == "pallas"
+
+
+def is_sm90(device) -> bool:
+    """A Hopper GPU: device_kind names an H100/H200/H800/GH200, or compute capability 9.0."""
+    kind = str(getattr(device, "device_kind", "") or "").upper()
+    if any(name in kind for name in SM90_DEVICE_KINDS):
+        return True
+    cc = getattr(device, "compute_capability", None)
+    return cc is not None and str(cc).strip() in ("9.0", "90", "(9, 0)")
+
+
+def _is_gpu(device) -> bool:
+    return str(getattr(device, "platform", "")).lower() in ("gpu", "cuda", "rocm")
+
+
+def resolve_gemm_backend(backend: str, device=None) -> str:
+    """The concrete W4A8 GEMM implementation ("mosaic", "triton" or "xla") for `device`.
+
+    "auto": "mosaic" on sm_90 (H100/H200/H800/GH200 or compute capability 9.0), "triton" on
+    other GPUs, "xla" elsewhere. "pallas": the best Pallas kernel for the device ("mosaic" on
+    sm_90, else "triton", also on a CPU, where Pallas kernels only run in interpret mode).
+    Concrete names are returned unchanged. `device`: anything with .platform, .device_kind and
+    optionally .compute_capability (a jax Device, an AbstractDevice); default jax.devices()[0].
+    A pure function of its arguments, so a model can store the result as a static attribute
+    (part of the jit cache key) and pass it to w4a8_matmul(backend=...).
+    """
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"GEMM backend must be one of {GEMM_BACKENDS}, not {backend!r}")
+    if backend in ("mosaic", "triton", "xla"):
+        return backend
+    if device is None:
+        device = jax.devices()[0]
+    gpu = _is_gpu(device)
+    if backend == "auto" and not gpu:
+        return "xla"
+    return "mosaic" if gpu and is_sm90(device) else "triton"
+
+
+def gemm_backend(backend: str, interpret: bool, device=None) -> str:
+    """resolve_gemm_backend under default_backend's override; interpret=True needs a kernel."""
+    if backend == "auto" and _auto_override:
+        backend = _auto_override[-1]
+    if interpret and backend == "auto":
+        backend = "pallas"
+    name = resolve_gemm_backend(backend, device)
+    if interpret and name == "xla":
+        raise ValueError("interpret=True runs a Pallas kernel; it contradicts backend='xla'")
+    return name
 
 
 def next_power_of_2(n: int) -> int:

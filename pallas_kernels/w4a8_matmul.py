@@ -15,6 +15,9 @@ packed format's chunks of 64: it loads the chunk's 32 bytes per output row, spli
 mask and a shift into the two [BN, 32] halves (k = 64c + 0..31 and 64c + 32..63), slices the
 matching halves of the activation *ref*, and issues two INT8 dots into an INT32 accumulator.
 Block sizes come from ``GEMM_CONFIGS``, a table keyed by M bucket that benchmarks/gemm.py retunes.
+
+``w4a8_matmul`` dispatches between this kernel ("triton"), the Hopper Mosaic GPU kernel
+(``w4a8_matmul_mgpu``, "mosaic") and the XLA reference ("xla"); see its docstring.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._common import use_pallas
+from pallas_kernels._common import gemm_backend, resolve_gemm_backend  # noqa: F401
 from pallas_kernels.packing import CHUNK, HALF, FormatError, W4Group, W4PerChannel
 from pallas_kernels.quantize import QuantizedActivation
 
@@ -196,9 +199,24 @@ def w4a8_matmul_pallas(act: QuantizedActivation, w, out_dtype=jnp.bfloat16, *,
 
 
 def w4a8_matmul(act: QuantizedActivation, w: W4PerChannel | W4Group, out_dtype=jnp.bfloat16, *,
-                backend: str = "auto", interpret: bool = False,
-                config: GemmConfig | None = None) -> jax.Array:
-    """y [M, N] = x_q [M, K] · W4ᵀ with QServe's epilogue. auto = Pallas on GPU, XLA elsewhere."""
-    if use_pallas(backend, interpret):
+                backend: str = "auto", interpret: bool = False, config=None) -> jax.Array:
+    """y [M, N] = x_q [M, K] · W4ᵀ with QServe's epilogue.
+
+    backend: "mosaic" (Mosaic GPU kernel, sm_90: w4a8_matmul_mgpu), "triton" (the Pallas Triton
+    kernel above), "xla" (the reference), "pallas" (the best Pallas kernel for the device) or
+    "auto" (the best for the device: mosaic on H100/H200, triton on other GPUs, xla on CPU);
+    see _common.resolve_gemm_backend, which a model uses to fix the choice once, statically.
+    interpret=True runs the chosen kernel in its CPU interpret mode. config: a GemmConfig for
+    "triton", an MgpuGemmConfig for "mosaic" (None: the shape's entry of the config table).
+    """
+    name = gemm_backend(backend, interpret)
+    if name == "mosaic":
+        from pallas_kernels.w4a8_matmul_mgpu import MgpuGemmConfig, w4a8_matmul_mgpu
+        if config is not None and not isinstance(config, MgpuGemmConfig):
+            raise TypeError(f"the mosaic GEMM takes an MgpuGemmConfig, not {config!r}")
+        return w4a8_matmul_mgpu(act, w, out_dtype, config=config, interpret=interpret)
+    if name == "triton":
+        if config is not None and not isinstance(config, GemmConfig):
+            raise TypeError(f"the triton GEMM takes a GemmConfig, not {config!r}")
         return w4a8_matmul_pallas(act, w, out_dtype, config=config, interpret=interpret)
     return w4a8_matmul_xla(act, w, out_dtype)

@@ -1,5 +1,5 @@
-"""The W4A8 GEMM: Pallas (interpret mode on CPU, compiled on a GPU) vs the XLA reference vs an
-independent NumPy int64 reference."""
+"""The W4A8 GEMM's Triton kernel (interpret mode on CPU, compiled on a GPU) vs the XLA reference vs
+an independent NumPy int64 reference. The Mosaic GPU kernel: tests/test_w4a8_mgpu.py."""
 
 import dataclasses
 
@@ -14,6 +14,9 @@ from pallas_kernels.packing import FormatError, W4Group, W4PerChannel
 from pallas_kernels.quantize import QuantizedActivation, quantize_per_token
 from pallas_kernels.w4a8_matmul import (GEMM_CONFIGS, GemmConfig, config_for, w4a8_matmul,
                                         w4a8_matmul_pallas)
+
+# The Triton kernel explicitly: on an H100 backend="pallas" would pick the Mosaic GPU kernel.
+TRITON = {**PALLAS, "backend": "triton"}
 
 # (M, K, N, group): M = 1, 7, 64, 300; K from 576 to 14336; N from 192 to 6144.
 SHAPES = [
@@ -85,7 +88,7 @@ def test_int32_accumulators_are_exact(m, k, n, group, variant):
     expected = numpy_accumulators(act.values, w)
     assert np.abs(expected).max() < 2 ** 24  # exactly representable in the float32 output
     assert np.abs(expected).max() > 1000  # and not trivially small
-    for kw in (dict(backend="xla"), dict(**PALLAS)):
+    for kw in (dict(backend="xla"), dict(**TRITON)):
         got = np.asarray(w4a8_matmul(act, w, jnp.float32, **kw)).astype(np.int64)
         np.testing.assert_array_equal(got, expected, err_msg=str(kw))
 
@@ -98,7 +101,7 @@ def test_outputs_match_references(m, k, n, group, variant, out_dtype):
     act = _act(m, k, seed=m + 1)
     ref = numpy_output(act, w)
     xla = np.asarray(w4a8_matmul(act, w, out_dtype, backend="xla"), np.float64)
-    pal = np.asarray(w4a8_matmul(act, w, out_dtype, **PALLAS), np.float64)
+    pal = np.asarray(w4a8_matmul(act, w, out_dtype, **TRITON), np.float64)
     scale = np.abs(ref).max()
     rtol = 1e-5 if out_dtype == jnp.float32 else 2 ** -8
     np.testing.assert_allclose(pal, ref, rtol=rtol, atol=rtol * scale)
@@ -116,7 +119,7 @@ def test_gemm_approximates_the_float_product():
                           (packing.quantize_per_channel(w), True)):
         act = quantize_per_token(jnp.asarray(x), with_sum=with_sum, backend="xla")
         y = np.asarray(w4a8_matmul(act, jax.tree.map(jnp.asarray, fmt), jnp.float32,
-                                   **PALLAS))
+                                   **TRITON))
         rel = np.linalg.norm(y - exact) / np.linalg.norm(exact)
         assert rel < 0.15, (type(fmt).__name__, rel)  # 4-bit weights, 8-bit activations
 
@@ -157,5 +160,5 @@ def test_every_config_lowers_for_h100(variant, m):
     for _, cfg in GEMM_CONFIGS:
         cfg = dataclasses.replace(cfg, block_n=min(cfg.block_n, 64 if n == 192 else cfg.block_n))
         text = lower_for_h100(
-            lambda a, w: w4a8_matmul(a, w, jnp.bfloat16, backend="pallas", config=cfg), act, w)
+            lambda a, w: w4a8_matmul(a, w, jnp.bfloat16, backend="triton", config=cfg), act, w)
         assert TRITON_CALL in text
