@@ -27,17 +27,18 @@ LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_s
                  bos_token_id=128000, eos_token_id=128001)
 
 
-def random_model(hf: dict, *, dtype=jnp.bfloat16, w4a8_group: int | None = None,
+def random_model(hf: dict, *, dtype=jnp.bfloat16, w4a8_format: str | None = None,
                  seed: int = 0, max_context: int | None = None) -> Transformer:
     """A Transformer of these HF-config shapes with random weights, made on the device.
 
-    w4a8_group: None for 16-bit weights, else the W4A8 format (128, 64 or -1 per-channel).
+    w4a8_format: None for 16-bit weights, else the W4 weight format ("g128", "g64", "per-channel").
     """
     hf = dict(hf)
     if max_context is not None:
         hf["max_position_embeddings"] = max_context
     cfg = ModelConfig.from_hf_dict(hf)
-    linear = None if w4a8_group is None else functools.partial(W4A8Linear, group_size=w4a8_group)
+    linear = (None if w4a8_format is None else
+              functools.partial(W4A8Linear, weight_format=w4a8_format))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, dtype, linear)))
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))

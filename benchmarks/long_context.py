@@ -49,7 +49,7 @@ def _engine_and_tokens(variant: str, n: int, llama3_8b: bool):
 
         from qoq_jax.engine import Engine
 
-        model = random_model(LLAMA3_8B, w4a8_group=128 if variant == "w4a8kv4" else None,
+        model = random_model(LLAMA3_8B, w4a8_format="g128" if variant == "w4a8kv4" else None,
                              max_context=65536)
         engine = Engine(model, kv_cache="kv4" if variant == "w4a8kv4" else "16bit",
                         max_slots=8)
@@ -59,7 +59,7 @@ def _engine_and_tokens(variant: str, n: int, llama3_8b: bool):
     if variant == "w4a8kv4":
         from qoq_jax.quant.config import QuantConfig
 
-        quantize = QuantConfig(method="rtn", group_size=128)
+        quantize = QuantConfig(method="rtn", weight_format="g128")
     llm = qoq_jax.load(dtype=None, quantize=quantize)
     return llm.engine, _text_tokens(llm.tokenizer, n)
 

@@ -41,7 +41,7 @@ TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=5
 
 
 def _engine(hf, variant, batch, prompt, gen, dtype, smoke):
-    model = random_model(hf, dtype=dtype, w4a8_group=128 if variant == "w4a8kv4" else None,
+    model = random_model(hf, dtype=dtype, w4a8_format="g128" if variant == "w4a8kv4" else None,
                          max_context=prompt + gen)
     tokens_each = prompt + gen
     page = 16

@@ -33,6 +33,7 @@ Rounding is round-half-to-even throughout (numpy's rint), as in the reference im
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import jax
@@ -74,6 +75,50 @@ class W4Group:
     def shape(self) -> tuple[int, int]:
         n, k2 = self.qweight.shape[-2:]
         return n, 2 * k2
+
+
+class WeightFormat(str, enum.Enum):
+    """The W4 weight formats by name: per-channel, or progressive groups of 128 or 64.
+
+    A string enum, so it is stored in JSON as its value. ``parse`` also reads the older spelling
+    by group size (-1, 128, 64) that checkpoints written before this type still carry.
+    """
+
+    PER_CHANNEL = "per-channel"
+    G128 = "g128"
+    G64 = "g64"
+
+    @property
+    def group_size(self) -> int | None:
+        """Inputs per quantization group; None for per-channel (one group per output row)."""
+        return {"g128": 128, "g64": 64}.get(self.value)
+
+    @property
+    def is_group(self) -> bool:
+        return self is not WeightFormat.PER_CHANNEL
+
+    def for_input_size(self, k: int) -> "WeightFormat":
+        """The format a layer with K inputs gets: g128 falls back to g64 where K % 128 != 0."""
+        if not self.is_group:
+            return self
+        return WeightFormat.parse(group_size_for(k, self.group_size))
+
+    @classmethod
+    def parse(cls, value: "WeightFormat | str | int") -> "WeightFormat":
+        if isinstance(value, cls):
+            return value
+        legacy = {-1: cls.PER_CHANNEL, 128: cls.G128, 64: cls.G64}
+        if isinstance(value, int) and not isinstance(value, bool) and value in legacy:
+            return legacy[value]
+        if isinstance(value, str):
+            text = value.strip().lower().replace("_", "-")
+            if text.lstrip("-").isdigit() and int(text) in legacy:
+                return legacy[int(text)]
+            for member in cls:
+                if text in (member.value, member.name.lower().replace("_", "-")):
+                    return member
+        raise FormatError(f"unknown weight format {value!r}; known: "
+                          f"{', '.join(m.value for m in cls)}")
 
 
 def group_size_for(k: int, requested: int) -> int:

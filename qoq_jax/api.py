@@ -155,14 +155,17 @@ class LLM:
 
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
-         verify_checkpoint: bool | None = None, **engine_kwargs) -> LLM:
+         verify_checkpoint: bool | None = None, gemm_backend: str = "auto",
+         **engine_kwargs) -> LLM:
     """Load a model for generation.
 
     path: None (the embedded default model), a Hugging Face checkpoint directory, a .gguf file,
     or a quantized checkpoint written by convert_hf_checkpoint (then it runs W4A8 with a KV4
     cache). quantize: a QuantConfig (or "qoq" / "rtn") to quantize a float model on the fly.
     verify_checkpoint: check a quantized checkpoint's checksums (default: yes, unless
-    QOQ_JAX_VERIFY_CHECKPOINTS=0). Engine keywords (kv_cache="16bit" | "kv4", page_size,
+    QOQ_JAX_VERIFY_CHECKPOINTS=0). gemm_backend: the W4A8 GEMM of a quantized model ("auto":
+    Mosaic GPU on Hopper, Triton on other GPUs, XLA on CPU; or "mosaic", "triton", "xla").
+    Engine keywords (kv_cache="16bit" | "kv4", page_size,
     max_slots, num_pages, kv_memory, ...: see EngineConfig) pass through.
     """
     from qoq_jax import checkpoint
@@ -170,6 +173,9 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
     from qoq_jax.hf import load_tokenizer
     from qoq_jax.quant.config import QuantConfig
 
+    from pallas_kernels import resolve_gemm_backend
+
+    resolve_gemm_backend(gemm_backend)  # a misspelled backend fails now, not after loading
     dtype = resolve_dtype(dtype)
     if path is not None:
         p = Path(path)
@@ -180,7 +186,8 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
         if checkpoint.is_quantized_checkpoint(p):
             if quantize is not None:
                 raise ValueError(f"{p} is already quantized")
-            model, qcfg = checkpoint.load_model(p, dtype, verify=verify_checkpoint)
+            model, qcfg = checkpoint.load_model(p, dtype, verify=verify_checkpoint,
+                                                gemm_backend=gemm_backend)
             engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
             return LLM(model, load_tokenizer(p), source=str(p), **engine_kwargs)
     cfg, weights, tokenizer, source = load_source(None if path is None else str(path))
@@ -190,6 +197,6 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
         return LLM(from_hf_weights(cfg, weights, dtype), tokenizer, source=source,
                    **engine_kwargs)
     qcfg = QuantConfig(method=quantize) if isinstance(quantize, str) else quantize
-    model, qcfg = run_quantize(cfg, weights, tokenizer, qcfg, dtype=dtype)
+    model, _ = run_quantize(cfg, weights, tokenizer, qcfg, dtype=dtype, gemm_backend=gemm_backend)
     engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
     return LLM(model, tokenizer, source=f"{source} ({qcfg.method} on the fly)", **engine_kwargs)

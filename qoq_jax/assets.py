@@ -127,7 +127,7 @@ def default_qoq_dir(progress: bool = True) -> Path:
                       file=sys.stderr)
                 if target.exists():
                     shutil.rmtree(target)
-                convert(None, str(target), QuantConfig(group_size=128, **DEMO_CALIBRATION),
+                convert(None, str(target), QuantConfig(weight_format="g128", **DEMO_CALIBRATION),
                         progress=progress)
     return target
 

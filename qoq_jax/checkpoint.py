@@ -1,7 +1,8 @@
 """Quantized checkpoints: Orbax state of the W4A8 model, plus config and tokenizer.
 
 Layout of a checkpoint directory:
-    config.json     the Hugging Face config, plus "quantization" (the QuantConfig recipe) and
+    config.json     the Hugging Face config, plus "quantization" (the QuantConfig recipe),
+                    "quantization_report" (what the pipeline chose per layer) and
                     "qoq_jax_format"
     tokenizer files as transformers' save_pretrained writes them
     state/          Orbax checkpoint of the model's NNX state (packed weights bit for bit;
@@ -66,12 +67,14 @@ def verify_default() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def linear_factory(qcfg: QuantConfig):
+def linear_factory(qcfg: QuantConfig, gemm_backend: str = "auto"):
+    """W4A8Linear in the recipe's weight format, with the GEMM `gemm_backend` (see W4A8Linear)."""
     import functools
 
     from qoq_jax.layers import W4A8Linear
 
-    return functools.partial(W4A8Linear, group_size=qcfg.group_size)
+    return functools.partial(W4A8Linear, weight_format=qcfg.weight_format,
+                             gemm_backend=gemm_backend)
 
 
 def expected_size(cfg: ModelConfig, qcfg: QuantConfig) -> int:
@@ -216,7 +219,7 @@ def _write_state(pure, state_dir: Path) -> None:
         sys.stderr.write(log[0])
 
 
-def save(model, qcfg: QuantConfig, tokenizer, out_dir: Path) -> None:
+def save(model, qcfg: QuantConfig, tokenizer, out_dir: Path, report=None) -> None:
     """Write a quantized model into out_dir (an empty directory: see fsutil.atomic_directory).
 
     A float tensor with a NaN or an Inf is refused before anything is written. A failed write
@@ -230,6 +233,8 @@ def save(model, qcfg: QuantConfig, tokenizer, out_dir: Path) -> None:
         _write_state(pure, out_dir / "state")
         hf = cfg.to_hf_dict()
         hf["quantization"] = qcfg.to_dict()
+        if report is not None:  # what the pipeline chose per layer (pipeline.QuantReport)
+            hf["quantization_report"] = report.to_dict()
         hf["qoq_jax_format"] = FORMAT_VERSION
         (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
         if tokenizer is not None:
@@ -283,7 +288,8 @@ def _check_stored_layout(path: Path, target) -> None:
                               f"place for it {tail}")
 
 
-def load_model(path: str | os.PathLike, dtype, *, verify: bool | None = None):
+def load_model(path: str | os.PathLike, dtype, *, verify: bool | None = None,
+               gemm_backend: str = "auto"):
     """(model, QuantConfig) from a quantized checkpoint directory.
 
     verify (default: on, unless the environment sets QOQ_JAX_VERIFY_CHECKPOINTS=0): check the
@@ -308,7 +314,7 @@ def load_model(path: str | os.PathLike, dtype, *, verify: bool | None = None):
         qcfg = QuantConfig.from_dict(hf["quantization"])
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{config_file}: {e}") from None
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear_factory(qcfg)))
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear_factory(qcfg, gemm_backend)))
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, _stored_dtype(a.dtype)),
                           nnx.to_pure_dict(state))
@@ -334,8 +340,8 @@ def load_model(path: str | os.PathLike, dtype, *, verify: bool | None = None):
 
 
 def build_quantized_model(cfg: ModelConfig, tensors: dict[str, np.ndarray], qcfg: QuantConfig,
-                          dtype):
+                          dtype, gemm_backend: str = "auto"):
     """A W4A8 Transformer from the pipeline's named tensors."""
     from qoq_jax.model import from_hf_weights
 
-    return from_hf_weights(cfg, tensors, dtype, linear_factory(qcfg))
+    return from_hf_weights(cfg, tensors, dtype, linear_factory(qcfg, gemm_backend))

@@ -80,6 +80,35 @@ def utf8_arg(text: str) -> str:
     return text
 
 
+def weight_format_arg(text: str):
+    """--weight-format / --group-size: g128, g64, per-channel (or 128, 64, -1)."""
+    from pallas_kernels.packing import FormatError, WeightFormat
+
+    try:
+        return WeightFormat.parse(text)
+    except FormatError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_weight_format_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--weight-format, and --group-size (its older spelling by group size) for the same value."""
+    from pallas_kernels.packing import WeightFormat
+
+    p.add_argument("--weight-format", type=weight_format_arg, default=WeightFormat.G128,
+                   metavar="{g128,g64,per-channel}",
+                   help=f"{what}: W4 weight format: progressive groups of 128 inputs (default; "
+                        f"64 where a layer's input size is not a multiple of 128), of 64, or "
+                        f"one scale per output channel")
+    p.add_argument("--group-size", dest="weight_format", type=weight_format_arg,
+                   metavar="{128,64,-1}", help="the same, by group size (-1 = per-channel)")
+
+
+def add_gemm_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gemm", choices=["auto", "mosaic", "triton", "xla"], default="auto",
+                   help="W4A8 GEMM of a quantized model: auto (default) = the Mosaic GPU kernel "
+                        "on Hopper, the Triton kernel on other GPUs, the XLA reference on CPU")
+
+
 def read_prompts_file(path: Path) -> list[str]:
     """Non-blank lines of a UTF-8 text file."""
     if not path.exists():

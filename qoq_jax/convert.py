@@ -1,12 +1,14 @@
 """convert_hf_checkpoint: a Hugging Face checkpoint (or GGUF file) -> a QoQ W4A8KV4 checkpoint.
 
     convert_hf_checkpoint --out smollm2-qoq-g128                       # the default model
-    convert_hf_checkpoint --hf-dir ./Llama-3-8B --out llama3-qoq --group-size -1
+    convert_hf_checkpoint --hf-dir ./Llama-3-8B --out llama3-qoq --weight-format per-channel
     convert_hf_checkpoint --out smollm2-rtn --method rtn               # the plain RTN baseline
 
 --method qoq runs the paper's pipeline (rotation, SmoothAttention, output smoothing, channel
-reordering for groups, clipping search for per-channel); rtn quantizes the same formats with no
-transform. Calibration text defaults to the second half of the Wikipedia summaries (evaluation
+reordering for groups, clipping search for per-channel, GPTQ), with the strengths of
+SmoothAttention and of the output smoothing, and the q/k_proj clipping, searched per layer as the
+paper's code does (printed per layer, stored in config.json's "quantization_report"; --no-search-*
+uses the fixed ones); rtn quantizes the same formats with no transform. Calibration text defaults to the second half of the Wikipedia summaries (evaluation
 reads from the start, so the two never overlap). The output directory is written atomically.
 """
 
@@ -16,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from qoq_jax.cli import ArgumentParser, bounded_float, bounded_int, positive_int, run_cli, seed_arg
-from qoq_jax.quant.config import DEFAULT_PRESET, SMOOTH_PRESETS, QuantConfig
+from qoq_jax.cli import (ArgumentParser, add_weight_format_args, bounded_float, bounded_int,
+                         positive_int, run_cli, seed_arg)
+from qoq_jax.quant.config import DEFAULT_PRESET, SEARCHES, SMOOTH_PRESETS, STEPS, QuantConfig
 
 MAX_CLIP_GRID = 1000
 unit_float = bounded_float(0.0, 1.0)
@@ -61,8 +64,10 @@ def calibration_docs(files: list[str]) -> list[str]:
     return docs
 
 
-def quantize(cfg, weights, tokenizer, qcfg: QuantConfig, *, dtype=None, progress: bool = True):
-    """Run the pipeline and build the W4A8 model in memory. Returns (model, filled QuantConfig)."""
+def quantize(cfg, weights, tokenizer, qcfg: QuantConfig, *, dtype=None, progress: bool = True,
+             gemm_backend: str = "auto"):
+    """Run the pipeline and build the W4A8 model in memory. Returns (model, QuantReport: what
+    the pipeline chose per layer)."""
     from qoq_jax.api import resolve_dtype
     from qoq_jax.checkpoint import build_quantized_model
     from qoq_jax.quant.calibration import calibration_tokens
@@ -72,8 +77,9 @@ def quantize(cfg, weights, tokenizer, qcfg: QuantConfig, *, dtype=None, progress
     if qcfg.needs_calibration:
         tokens = calibration_tokens(tokenizer, calibration_docs(qcfg.calib_text),
                                     qcfg.calib_samples, qcfg.calib_seq_len, qcfg.seed)
-    tensors, qmodel_cfg, qcfg = quantize_weights(cfg, weights, qcfg, tokens, progress=progress)
-    return build_quantized_model(qmodel_cfg, tensors, qcfg, resolve_dtype(dtype)), qcfg
+    tensors, qmodel_cfg, report = quantize_weights(cfg, weights, qcfg, tokens, progress=progress)
+    model = build_quantized_model(qmodel_cfg, tensors, qcfg, resolve_dtype(dtype), gemm_backend)
+    return model, report
 
 
 def check_weights(weights, progress: bool = True) -> None:
@@ -112,14 +118,14 @@ def convert(source: str | None, out: str, qcfg: QuantConfig, progress: bool = Tr
     expected = checkpoint.expected_size(cfg, qcfg)
     fsutil.check_output_dir(out_path, expected)
     check_weights(weights, progress=progress)
-    model, qcfg = quantize(cfg, weights, tokenizer, qcfg, dtype="float32", progress=progress)
+    model, report = quantize(cfg, weights, tokenizer, qcfg, dtype="float32", progress=progress)
     try:
         checkpoint.check_finite_state(nnx_pure_state(model))
     except ValueError as e:
         raise ValueError(f"quantization produced a non-finite value: {e}") from None
     fsutil.check_output_dir(out_path, expected)  # again: the disk may have filled meanwhile
     with fsutil.atomic_directory(out_path) as tmp:
-        checkpoint.save(model, qcfg, tokenizer, tmp)
+        checkpoint.save(model, qcfg, tokenizer, tmp, report)
     return out_path
 
 
@@ -137,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     p.add_argument("--method", choices=["qoq", "rtn"], default="qoq",
                    help="qoq: the full QoQ pipeline (default); rtn: round-to-nearest baseline")
-    p.add_argument("--group-size", type=int, choices=[128, 64, -1], default=128,
-                   help="128 (falls back to 64 where K %% 128 != 0), 64, or -1 for per-channel")
+    add_weight_format_args(p, "the checkpoint's weights")
     p.add_argument("--calib-text", nargs="+", default=[], metavar="FILE",
                    help="calibration text (plain text or JSON documents); default: the second "
                         "half of the Wikipedia summaries")
@@ -159,21 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grid", type=bounded_int(1, MAX_CLIP_GRID), default=80,
                    help=f"clipping-search ratios between 1.0 and 0.2 (per-channel; 80, at "
                         f"most {MAX_CLIP_GRID})")
-    for step in ("rotate", "smooth-attention", "smooth-out", "smooth-down", "reorder", "clip"):
+    p.add_argument("--search-grid", type=bounded_int(2, 100), default=10,
+                   help="searched (alpha, beta) candidates step by 1/N (10)")
+    p.add_argument("--search-tokens", type=positive_int, default=4096,
+                   help="calibration tokens the searches score their candidates on (4096)")
+    for step in ("rotate", "smooth-attention", "smooth-out", "smooth-down", "reorder", "clip",
+                 "gptq"):
         p.add_argument(f"--no-{step}", action="store_true", help=f"skip the {step} step")
+    for search, what in (("smooth-attention", "SmoothAttention's (alpha, beta): use "
+                                              "--smooth-attention-alpha"),
+                         ("smoothing", "v->o and up->down (alpha, beta): use the preset"),
+                         ("qk-clip", "q/k_proj clipping on the attention output (per-channel): "
+                                     "use the per-row search")):
+        p.add_argument(f"--no-search-{search}", action="store_true",
+                       help=f"do not search {what}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def config_from_args(args) -> QuantConfig:
     return QuantConfig(
-        method=args.method, group_size=args.group_size, calib_text=list(args.calib_text),
+        method=args.method, weight_format=args.weight_format, calib_text=args.calib_text,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
         preset=args.preset, smooth_alpha=args.smooth_alpha, smooth_beta=args.smooth_beta,
         smooth_attention_alpha=args.smooth_attention_alpha, clip_grid=args.clip_grid,
-        rotate=not args.no_rotate, smooth_attention=not args.no_smooth_attention,
-        smooth_out=not args.no_smooth_out, smooth_down=not args.no_smooth_down,
-        reorder=False if args.no_reorder else None, clip=False if args.no_clip else None)
+        search_grid=args.search_grid, search_tokens=args.search_tokens,
+        **{name: False for name in STEPS + SEARCHES if getattr(args, "no_" + name, False)})
 
 
 def main(argv=None) -> int:

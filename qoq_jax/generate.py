@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from qoq_jax.cli import (ArgumentParser, CliError, bounded_float, bounded_int, page_size_arg,
-                         positive_int, read_prompts_file, run_cli, seed_arg, utf8_arg)
+from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_weight_format_args,
+                         bounded_float, bounded_int, page_size_arg, positive_int,
+                         read_prompts_file, run_cli, seed_arg, utf8_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["qoq", "rtn"],
                    help="quantize a float model to W4A8KV4 on the fly (small calibration set; "
                         "convert_hf_checkpoint makes a reusable checkpoint)")
-    p.add_argument("--group-size", type=int, choices=[128, 64, -1], default=128,
-                   help="with --quantize: W4 group size (-1 = per-channel)")
+    add_weight_format_args(p, "with --quantize")
+    add_gemm_arg(p)
     p.add_argument("--page-size", type=page_size_arg, default=16,
                    help="KV-cache page size in tokens (a power of two; default 16)")
     p.add_argument("--json", action="store_true",
@@ -96,9 +97,10 @@ def _run(args) -> int:
     if args.quantize:
         from qoq_jax.quant.config import QuantConfig
 
-        quantize = QuantConfig(method=args.quantize, group_size=args.group_size,
+        quantize = QuantConfig(method=args.quantize, weight_format=args.weight_format,
                                calib_samples=16, calib_seq_len=512)
-    llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, **engine)
+    llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, gemm_backend=args.gemm,
+                       **engine)
 
     compiles0, compile_s0 = COMPILES.count, COMPILES.seconds
     t0 = time.perf_counter()

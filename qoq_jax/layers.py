@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels._common import fixed_order_sum
-from pallas_kernels.packing import W4Group, W4PerChannel, group_size_for
+from pallas_kernels._common import fixed_order_sum, resolve_gemm_backend
+from pallas_kernels.packing import W4Group, W4PerChannel, WeightFormat
 from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rmsnorm_quantize,
                                      silu_mul_quantize)
 from pallas_kernels.w4a8_matmul import w4a8_matmul
@@ -62,22 +62,28 @@ class QuantParam(nnx.Variable):
 class W4A8Linear(nnx.Module):
     """QServe's W4A8 linear: INT8 per-token activations x packed UINT4 weights (QoQ formats).
 
-    group_size -1: per-channel; 128 or 64: progressive groups (128 falls back to 64 where K is
-    not a multiple of 128). Takes a float input (quantized here) or a QuantizedActivation made
+    weight_format: per-channel, or progressive groups of 128 or 64 (g128 falls back to g64 where
+    K is not a multiple of 128; ``self.weight_format`` is the one this layer has). Takes a float input (quantized here) or a QuantizedActivation made
     by a fused kernel (RMSNorm or SiLU*up + quantization, see norm_input / swiglu_input).
+
+    gemm_backend: which W4A8 GEMM runs ("auto": the Mosaic GPU kernel on sm_90, the Triton kernel
+    on other GPUs, the XLA reference on CPU; or "mosaic", "triton", "xla"). It is resolved here,
+    once, and kept as a static attribute, so it is part of every jitted function's cache key.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype,
-                 group_size: int = 128):
+                 weight_format: WeightFormat | str = WeightFormat.G128,
+                 gemm_backend: str = "auto"):
         n, k = out_features, in_features
         self.in_features, self.out_features, self.dtype = k, n, dtype
-        self.group_size = -1 if group_size == -1 else group_size_for(k, group_size)
+        self.weight_format = WeightFormat.parse(weight_format).for_input_size(k)
+        self.gemm_backend = resolve_gemm_backend(gemm_backend)
         self.qweight = QuantParam(jnp.zeros((n, k // 2), jnp.uint8))
-        if self.group_size == -1:
+        if not self.weight_format.is_group:
             self.scale = QuantParam(jnp.zeros((n,), jnp.float16))
             self.szero = QuantParam(jnp.zeros((n,), jnp.float16))
         else:
-            g = k // self.group_size
+            g = k // self.weight_format.group_size
             self.s1 = QuantParam(jnp.zeros((n,), jnp.float16))
             self.s2 = QuantParam(jnp.ones((g, n), jnp.int8))
             self.szero = QuantParam(jnp.zeros((g, n), jnp.uint8))
@@ -85,13 +91,14 @@ class W4A8Linear(nnx.Module):
 
     @property
     def needs_row_sum(self) -> bool:
-        return self.group_size == -1
+        return not self.weight_format.is_group
 
-    def weight_format(self) -> W4PerChannel | W4Group:
-        if self.group_size == -1:
+    def packed_weight(self) -> W4PerChannel | W4Group:
+        """The weight as the GEMM takes it (packing.W4PerChannel or W4Group)."""
+        if not self.weight_format.is_group:
             return W4PerChannel(self.qweight[...], self.scale[...], self.szero[...])
         return W4Group(self.qweight[...], self.s1[...], self.s2[...], self.szero[...],
-                       self.group_size)
+                       self.weight_format.group_size)
 
     def __call__(self, x) -> jax.Array:
         act = x if isinstance(x, QuantizedActivation) else quantize_per_token(
@@ -100,7 +107,7 @@ class W4A8Linear(nnx.Module):
         flat = QuantizedActivation(
             act.values.reshape(-1, self.in_features), act.scale.reshape(-1),
             None if act.row_sum is None else act.row_sum.reshape(-1))
-        y = w4a8_matmul(flat, self.weight_format(), jnp.float32)
+        y = w4a8_matmul(flat, self.packed_weight(), jnp.float32, backend=self.gemm_backend)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype).reshape(*lead, self.out_features)

@@ -30,7 +30,8 @@ from typing import Any, Literal
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qoq_jax.cli import ArgumentParser, bounded_int, page_size_arg, positive_int, run_cli
+from qoq_jax.cli import (ArgumentParser, add_gemm_arg, add_weight_format_args, bounded_int,
+                         page_size_arg, positive_int, run_cli)
 from qoq_jax.engine import EngineBusyError
 
 log = logging.getLogger("qoq_jax.serve")
@@ -529,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["qoq", "rtn"],
                    help="quantize a float model to W4A8KV4 at start-up (small calibration set; "
                         "convert_hf_checkpoint makes a reusable checkpoint)")
-    p.add_argument("--group-size", type=int, choices=[128, 64, -1], default=128,
-                   help="with --quantize: W4 group size (-1 = per-channel)")
+    add_weight_format_args(p, "with --quantize")
+    add_gemm_arg(p)
     p.add_argument("--max-slots", type=positive_int,
                    help="sequences decoded together (default 16 on CPU, 128 on GPU)")
     p.add_argument("--num-pages", type=bounded_int(2, None),
@@ -581,9 +582,10 @@ def _serve(args) -> int:
     if args.quantize:
         from qoq_jax.quant.config import QuantConfig
 
-        quantize = QuantConfig(method=args.quantize, group_size=args.group_size,
+        quantize = QuantConfig(method=args.quantize, weight_format=args.weight_format,
                                calib_samples=16, calib_seq_len=512)
-    llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, **engine_kw)
+    llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, gemm_backend=args.gemm,
+                       **engine_kw)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model))
                                       if args.model else "SmolLM2-135M-Instruct")
     if args.warmup:

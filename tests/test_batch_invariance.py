@@ -61,11 +61,11 @@ def test_float_model(fp, prompts, kv_cache):
     _check(fp.model, prompts, kv_cache)
 
 
-@pytest.mark.parametrize("group_size", [128, -1])
-def test_qoq_model(prompts, group_size):
+@pytest.mark.parametrize("fmt", ["g128", "per-channel"])
+def test_qoq_model(prompts, fmt):
     from qoq_jax.quant.config import QuantConfig
 
     q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
-        group_size=group_size, calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False))
+        weight_format=fmt, calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False))
     for kv_cache in ("16bit", "kv4"):
         _check(q.model, prompts, kv_cache)

@@ -26,35 +26,63 @@ def _qcfg(text, **kw):
 
 # Every architecture and every method, each architecture with at least one QoQ variant (not the
 # full product: each conversion costs 10-20 s of CI).
-@pytest.mark.parametrize("name,method,group", [
-    ("llama", "qoq", 128), ("llama", "rtn", 128), ("mistral", "qoq", -1), ("qwen2", "qoq", 128),
-    ("qwen2", "qoq", -1)])
-def test_convert_reload_generate(tmp_path, name, method, group):
+def _as_stored(a: np.ndarray) -> np.ndarray:
+    """What a checkpoint must give back: float32 tensors rounded to bfloat16 (the storage
+    format), everything else (packed codes, fp16 and integer scales) bit for bit."""
+    if a.dtype == np.float32:
+        return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+    return a
+
+
+@pytest.mark.parametrize("name,method,fmt", [
+    ("llama", "qoq", "g128"), ("llama", "rtn", "g128"), ("mistral", "qoq", "per-channel"),
+    ("qwen2", "qoq", "g128"), ("qwen2", "qoq", "per-channel")])
+def test_convert_reload_generate(tmp_path, name, method, fmt):
+    from flax import nnx
+
     src = make_tiny_quant_checkpoint(tmp_path / "src", name, seed=2)
     text = write_text(tmp_path / "calib.txt")
-    qcfg = _qcfg(text, method=method, group_size=group)
+    qcfg = _qcfg(text, method=method, weight_format=fmt)
     out = convert(str(src), str(tmp_path / "out"), qcfg, progress=False)
     hf = json.loads((out / "config.json").read_text())
     assert hf["quantization"]["method"] == method
-    assert hf["quantization"]["group_size"] == group
+    assert hf["quantization"]["weight_format"] == fmt
+    assert QuantConfig.from_dict(hf["quantization"]) == qcfg  # the recipe, as asked
     c = TINY_QUANT_CONFIGS[name]
     inputs = {"self_attn.o_proj": c["num_attention_heads"] * c["head_dim"],
               "mlp.down_proj": c["intermediate_size"]}
-    for layer, g in hf["quantization"]["layer_group_sizes"].items():
+    report = hf["quantization_report"]
+    for layer, got in report["formats"].items():
         k = inputs.get(layer, c["hidden_size"])
-        assert g == (-1 if group == -1 else 128 if k % 128 == 0 else 64), layer
+        assert got == (fmt if fmt == "per-channel" else "g128" if k % 128 == 0 else "g64"), layer
+    assert len(report["layers"]) == c["num_hidden_layers"]
+    if method == "qoq":  # the searched strengths, per layer
+        assert all({"smooth_attention", "smooth_out", "smooth_down"} <= set(x)
+                   for x in report["layers"])
+        assert all(("clip_q" in x) == (fmt == "per-channel") for x in report["layers"])
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial leftovers
 
     llm = qoq_jax.load(out, dtype="float32")
     assert llm.engine.kv_cache == "kv4"
     assert isinstance(llm.model.layers.mlp.down_proj, W4A8Linear)
     assert llm.model.lm_head is None or not isinstance(llm.model.lm_head, W4A8Linear)
-    # the packed weights survive the round trip bit for bit
+    # the whole state tree survives the round trip: same paths, dtypes and values (floats as
+    # bfloat16 stores them, the quantized fields bit for bit) ...
     cfg, weights, tok, _ = load_source(str(src))
     fresh, _ = quantize(cfg, weights, tok, qcfg, dtype="float32", progress=False)
-    a, b = fresh.layers.self_attn.q_proj, llm.model.layers.self_attn.q_proj
-    np.testing.assert_array_equal(np.asarray(a.qweight[...]), np.asarray(b.qweight[...]))
-    np.testing.assert_array_equal(np.asarray(a.szero[...]), np.asarray(b.szero[...]))
+    saved = nnx.to_flat_state(nnx.split(fresh)[1])
+    loaded = dict(nnx.to_flat_state(nnx.split(llm.model)[1]))
+    assert sorted(p for p, _ in saved) == sorted(loaded)
+    for path, var in saved:
+        a, b = np.asarray(var[...]), np.asarray(loaded[path][...])
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(_as_stored(a), b, err_msg=str(path))
+    # ... so the reloaded model computes what the saved one did (with its floats so rounded)
+    nnx.update(fresh, nnx.from_flat_state([(p, v.replace(value=jnp.asarray(_as_stored(
+        np.asarray(v[...]))))) for p, v in saved]))
+    fresh_llm = qoq_jax.api.LLM(fresh, tok, source="fresh", kv_cache="kv4")
+    tokens = list(range(3, 40))
+    np.testing.assert_array_equal(_all_logits(fresh_llm, tokens), _all_logits(llm, tokens))
     # and the model generates
     out_tokens = llm.engine.generate([[1, 2, 3, 4, 5]], qoq_jax.SamplingParams(
         max_new_tokens=6, stop_token_ids=()))[0].tokens
@@ -95,7 +123,7 @@ def test_failed_conversion_leaves_nothing_loadable(tmp_path, monkeypatch):
     src = make_tiny_quant_checkpoint(tmp_path / "src", "qwen2")
     text = write_text(tmp_path / "calib.txt")
 
-    def broken_save(model, qcfg, tokenizer, out_dir):
+    def broken_save(model, qcfg, tokenizer, out_dir, report=None):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
@@ -112,7 +140,7 @@ def test_convert_cli(tmp_path):
     out = tmp_path / "ckpt"
     args = [sys.executable, "-m", "qoq_jax.convert", "--hf-dir", str(src), "--out", str(out),
             "--calib-text", str(text), "--calib-samples", "4", "--calib-seq-len", "64",
-            "--group-size", "-1", "--clip-grid", "4", "--quiet"]
+            "--weight-format", "per-channel", "--clip-grid", "4", "--quiet"]
     r = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     again = subprocess.run(args, capture_output=True, text=True, cwd=REPO)

@@ -319,11 +319,10 @@ def test_score_matches_the_model_logits(engine, model):
     np.testing.assert_allclose(lp[0], expect, atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["16bit", "kv4"])
-def test_engine_programs_lower_for_h100_with_pallas_kernels(model, kind):
-    """The engine's prefill-chunk and decode-chunk programs, with the Flax model and every
-    kernel, lowered for CUDA."""
-    from helpers import TRITON_CALL, lower_for_h100
+def _lower_engine_programs(model, kind):
+    """(prefill HLO, decode HLO) of the engine's programs lowered for an abstract H100, with the
+    Pallas kernels for every op whose backend is "auto"."""
+    from helpers import lower_for_h100
 
     from pallas_kernels._common import default_backend
     from qoq_jax import engine as E
@@ -346,5 +345,35 @@ def test_engine_programs_lower_for_h100_with_pallas_kernels(model, kind):
                                             splits=2, n_top=5),
             eng.params, eng._cache, eng._state, jnp.asarray(eng._table),
             jnp.zeros((4, 4), jnp.int32))
+    return pre, dec
+
+
+@pytest.mark.parametrize("kind", ["16bit", "kv4"])
+def test_engine_programs_lower_for_h100_with_pallas_kernels(model, kind):
+    """The engine's prefill-chunk and decode-chunk programs, with the Flax model and every
+    kernel, lowered for CUDA."""
+    from helpers import TRITON_CALL
+
+    pre, dec = _lower_engine_programs(model, kind)
     assert pre.count(TRITON_CALL) >= 1 + (kind == "kv4")  # attention (+ the KV4 write)
     assert dec.count(TRITON_CALL) >= 1 + (kind == "kv4")
+
+
+def test_quantized_model_lowers_with_the_mosaic_gpu_gemm(tmp_path):
+    """A W4A8 model built for Hopper (gemm_backend="mosaic", what "auto" picks on an H100):
+    every projection of both engine programs is the Mosaic GPU GEMM, the other ops Triton."""
+    from helpers import TRITON_CALL, make_tiny_quant_checkpoint
+
+    from qoq_jax.convert import load_source, quantize
+    from qoq_jax.quant.config import QuantConfig
+
+    src = make_tiny_quant_checkpoint(tmp_path / "q", "llama", seed=1)
+    cfg, weights, tok, _ = load_source(str(src))
+    qmodel, _ = quantize(cfg, weights, tok, QuantConfig(method="rtn"), dtype="float32",
+                         progress=False, gemm_backend="mosaic")
+    assert qmodel.layers.mlp.down_proj.gemm_backend == "mosaic"
+    pre, dec = _lower_engine_programs(qmodel, "kv4")
+    for hlo in (pre, dec):
+        # 7 projections per layer, under lax.scan: one call site each in the layer body
+        assert hlo.count("custom_call @mosaic_gpu_v2") >= 7
+        assert hlo.count(TRITON_CALL) >= 2  # attention and the KV4 write

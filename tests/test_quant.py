@@ -1,12 +1,16 @@
 """QoQ: Hadamard rotation, function-preserving transforms, clipping, GPTQ, the pipeline."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY_CONFIGS, make_tiny_checkpoint
+from helpers import TINY_CONFIGS, make_tiny_checkpoint, make_tiny_quant_checkpoint
 
 from pallas_kernels import packing
+from pallas_kernels.packing import WeightFormat
 from qoq_jax.config import ModelConfig
 from qoq_jax.hf import SafetensorsCheckpoint
 from qoq_jax.kv_cache import PagedKVCache
@@ -59,10 +63,28 @@ def test_transforms_preserve_the_function(tmp_path, name, step):
     calib = rng.integers(0, cfg.vocab_size, (4, 24)).astype(np.int32)
     tokens = rng.integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
     steps = ALL_STEPS if step == "all" else {**NO_STEPS, step: True}
-    qcfg = QuantConfig(**steps, smooth_alpha=0.5, smooth_beta=0.5)
+    # fixed strengths: these shapes (K = 48, ...) have no W4 format for the searches to score
+    qcfg = QuantConfig(**steps, smooth_alpha=0.5, smooth_beta=0.5, search_smoothing=False,
+                       search_smooth_attention=False)
     new_w, new_cfg = transformed_float_weights(cfg, weights, qcfg, calib)
     changed = [k for k in new_w if k in weights and not np.allclose(new_w[k], weights[k])]
     assert changed, "the transform changed nothing"
+    base = _logits(cfg, weights, tokens)
+    got = _logits(new_cfg, new_w, tokens)
+    assert np.abs(got - base).max() < 2e-5 * np.abs(base).max()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_searched_transforms_preserve_the_function(tmp_path, name):
+    """With the strengths searched per layer (on W4 shapes), the float model is unchanged."""
+    d = make_tiny_quant_checkpoint(tmp_path / name, name, seed=6)
+    cfg = ModelConfig.from_json(d)
+    weights = dict(SafetensorsCheckpoint(d))
+    rng = np.random.default_rng(1)
+    calib = rng.integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
+    qcfg = QuantConfig(**ALL_STEPS, search_grid=4, search_tokens=64)
+    new_w, new_cfg = transformed_float_weights(cfg, weights, qcfg, calib)
     base = _logits(cfg, weights, tokens)
     got = _logits(new_cfg, new_w, tokens)
     assert np.abs(got - base).max() < 2e-5 * np.abs(base).max()
@@ -113,12 +135,144 @@ def test_clipping_search_reduces_the_output_error():
 
 
 def test_quant_config_defaults_follow_the_paper():
-    g = QuantConfig(group_size=128)
+    g = QuantConfig(weight_format="g128")
+    assert g.weight_format is WeightFormat.G128
     assert g.reorder and not g.clip and g.gptq and (g.smooth_alpha, g.smooth_beta) == (0.3, 0.7)
-    pc = QuantConfig(group_size=-1)
+    assert g.search_smooth_attention and g.search_smoothing and not g.search_qk_clip
+    pc = QuantConfig(weight_format="per-channel")
     assert pc.clip and not pc.reorder and (pc.smooth_alpha, pc.smooth_beta) == (0.05, 0.95)
+    assert pc.search_qk_clip
     rtn = QuantConfig(method="rtn")
     assert not (rtn.rotate or rtn.smooth_attention or rtn.gptq or rtn.needs_calibration)
     assert QuantConfig.from_dict(g.to_dict()) == g
-    with pytest.raises(ValueError, match="group size"):
-        QuantConfig(group_size=32)
+    assert QuantConfig.from_dict(json.loads(json.dumps(pc.to_dict()))) == pc
+    with pytest.raises(ValueError, match="unknown weight format 32"):
+        QuantConfig(weight_format=32)
+
+
+def test_quant_config_is_frozen_and_never_overrides_what_was_asked():
+    g = QuantConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        g.weight_format = WeightFormat.G64
+    assert QuantConfig(reorder=False).reorder is False  # an explicit value is kept
+    with pytest.raises(ValueError, match="method 'rtn' is plain round-to-nearest: it takes no "
+                                         "rotate, gptq"):
+        QuantConfig(method="rtn", rotate=True, gptq=True)
+    with pytest.raises(ValueError, match="needs clip and the per-channel format"):
+        QuantConfig(weight_format="g128", search_qk_clip=True)
+
+
+def test_older_recipes_still_load():
+    """Checkpoints written before WeightFormat: group_size -1/128/64, rtn steps written False."""
+    old = {"method": "rtn", "group_size": -1, "rotate": False, "gptq": False, "clip": False,
+           "layer_group_sizes": {"mlp.down_proj": -1}, "kv_cache": "kv4"}
+    q = QuantConfig.from_dict(old)
+    assert q.weight_format is WeightFormat.PER_CHANNEL and q.method == "rtn"
+    assert QuantConfig.from_dict({"group_size": 64}).weight_format is WeightFormat.G64
+    assert WeightFormat.parse("128") is WeightFormat.G128
+    assert WeightFormat.G128.for_input_size(576) is WeightFormat.G64
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake quantization (what the searches score) against the real formats
+
+
+def test_fake_quantizers_match_the_formats():
+    from pallas_kernels.kv4 import dequantize_kv4, quantize_kv4
+    from pallas_kernels.quantize import quantize_per_token
+    from qoq_jax.quant import fake
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((128, 192)) * 0.05).astype(np.float32)
+    w[3, 5] = 0.9  # an outlier
+    np.testing.assert_array_equal(np.asarray(fake.w4_per_channel(jnp.asarray(w))),
+                                  packing.dequantize(packing.quantize_per_channel(w)))
+    lo, hi = np.minimum(w.min(1), 0) * 0.7, np.maximum(w.max(1), 0) * 0.7
+    np.testing.assert_array_equal(np.asarray(fake.w4_per_channel(jnp.asarray(w), 0.7)),
+                                  packing.dequantize(packing.quantize_per_channel(w, lo, hi)))
+    for fmt in (WeightFormat.G128, WeightFormat.G64):  # 192 inputs: g128 falls back to g64
+        np.testing.assert_allclose(np.asarray(fake.w4(jnp.asarray(w), fmt)),
+                                   packing.dequantize(packing.quantize_group(w, fmt.group_size)),
+                                   rtol=1e-6, atol=1e-9)
+    x = rng.standard_normal((16, 96)).astype(np.float32)
+    act = quantize_per_token(jnp.asarray(x), backend="xla")
+    expect = np.asarray(act.values, np.float32) * np.asarray(act.scale, np.float32)[:, None]
+    np.testing.assert_allclose(np.asarray(fake.int8_per_token(jnp.asarray(x))), expect,
+                               rtol=1e-6)
+    kv = jnp.asarray(rng.standard_normal((4, 3, 64)).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(fake.kv4(kv)),
+                                  np.asarray(dequantize_kv4(*quantize_kv4(kv))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The searches: each batched, jitted search picks what a plain NumPy loop over the same grid,
+# with the real formats, picks
+
+
+def _np_int8(x):
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = (amax / 127).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(x * np.where(amax > 0, 127 / amax, 0)), -127, 127)
+    return q * scale
+
+
+def test_output_smoothing_search_agrees_with_a_numpy_loop():
+    from qoq_jax.quant import search, transforms
+
+    x = _correlated(512, 128, seed=11).astype(np.float32)
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((64, 128)) * 0.05).astype(np.float32)
+    xmax, wmax = np.abs(x).max(0), np.abs(w).max(0)
+    lam_of = lambda a, b: transforms.smooth_lambda(xmax, wmax, a, b)  # noqa: E731
+    for fmt in (WeightFormat.G128, WeightFormat.PER_CHANNEL):
+        got = search.search_output_smoothing(x, w, lam_of, fmt, steps=5)
+        errs = []
+        for a, b in search.alpha_beta_grid(5):
+            lam = lam_of(a, b).astype(np.float32)
+            wq = packing.dequantize(packing.quantize_group(w * lam, 128) if fmt.is_group
+                                    else packing.quantize_per_channel(w * lam))
+            errs.append(np.sum((_np_int8(x / lam) @ wq.T - x @ w.T) ** 2))
+        best = search.alpha_beta_grid(5)[int(np.argmin(errs))]
+        assert got == tuple(best), (fmt, got, best)
+        assert min(errs) < 0.9 * errs[0]  # smoothing the outlier channels pays on this data
+
+
+def _np_causal_attention(q, k, v):
+    s, t, hq, d = q.shape
+    g = hq // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    sc = np.einsum("sqhd,skhd->shqk", q, k) / np.sqrt(d)
+    sc = np.where(np.tril(np.ones((t, t), bool)), sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    return np.einsum("shqk,skhd->sqhd", p / p.sum(-1, keepdims=True), v)
+
+
+def _np_kv4(x):
+    mx, mn = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
+    s = np.where(mx - mn > 0, (mx - mn) / 15, 1).astype(np.float16).astype(np.float32)
+    z = (-mn / s).astype(np.float16).astype(np.float32)
+    return (np.clip(np.rint(x / s + z), 0, 15) - z) * s
+
+
+def test_smooth_attention_search_agrees_with_a_numpy_loop():
+    from qoq_jax.quant import search, transforms
+
+    cfg = ModelConfig.from_hf_dict({**TINY_CONFIGS["llama3"], "head_dim": 16})
+    rng = np.random.default_rng(5)
+    s, t, d = 2, 24, cfg.head_dim
+    q = rng.standard_normal((s, t, cfg.num_heads, d)).astype(np.float32)
+    k = rng.standard_normal((s, t, cfg.num_kv_heads, d)).astype(np.float32)
+    k[..., 3] *= 20  # an outlier key channel (and its RoPE partner below)
+    k[..., 3 + d // 2] *= 20
+    v = rng.standard_normal((s, t, cfg.num_kv_heads, d)).astype(np.float32)
+    k_span = np.abs(k).reshape(-1, cfg.num_kv_heads * d).max(0)
+    q_span = np.abs(q).reshape(-1, cfg.num_heads * d).max(0)
+    got = search.search_smooth_attention({"q": q, "k": k, "v": v}, k_span, q_span, cfg, steps=4)
+    ref = _np_causal_attention(q, k, v)
+    errs = []
+    for a, b in search.alpha_beta_grid(4):
+        lam = transforms.attention_lambda(k_span, q_span, cfg, a, b).astype(np.float32)
+        out = _np_causal_attention(q * np.repeat(lam, cfg.q_per_kv, axis=0), _np_kv4(k / lam), v)
+        errs.append(np.sum((out - ref) ** 2))
+    assert got == tuple(search.alpha_beta_grid(4)[int(np.argmin(errs))])
+    assert got != (0.0, 0.0) and min(errs) < 0.5 * errs[0]  # the outlier channel is tamed

@@ -245,21 +245,22 @@ def test_verification_opt_out(tmp_path, ckpt, monkeypatch):
         qoq_jax.load(d, dtype="float32")
 
 
-@pytest.mark.parametrize("group,detail", [
-    (64, "'layers.mlp.down_proj.s2' is stored as int8[2, 2, 128], the config implies "
-         "int8[2, 4, 128]"),
-    (-1, "the config implies a tensor 'layers.mlp.down_proj.scale' that is not stored"),
+@pytest.mark.parametrize("fmt,detail", [
+    ("g64", "'layers.mlp.down_proj.s2' is stored as int8[2, 2, 128], the config implies "
+            "int8[2, 4, 128]"),
+    ("per-channel", "the config implies a tensor 'layers.mlp.down_proj.scale' that is not "
+                    "stored"),
 ])
-def test_an_edited_config_is_one_clear_error(tmp_path, ckpt, calib, group, detail):
-    d = copy_ckpt(ckpt, tmp_path / f"edited{group}")
+def test_an_edited_config_is_one_clear_error(tmp_path, ckpt, calib, fmt, detail):
+    d = copy_ckpt(ckpt, tmp_path / f"edited-{fmt}")
     hf = json.loads((d / "config.json").read_text())
-    hf["quantization"]["group_size"] = group
+    hf["quantization"]["weight_format"] = fmt
     (d / "config.json").write_text(json.dumps(hf))
     with pytest.raises(CheckpointError) as e:
         checkpoint.load_model(d, np.float32)
     assert f"the config.json of {d} does not match its stored state" in str(e.value)
     assert detail in str(e.value)
-    if group == 64:  # and as a user meets it
+    if fmt == "g64":  # and as a user meets it
         r = perplexity_cli("--model", str(d), "--text", str(calib), "--seq-len", "16")
         line = assert_fails(r, "does not match its stored state", code=1)
         assert "strict" not in line

@@ -4,7 +4,10 @@
 
 Every row is W4A8KV4 through the real inference path (packed weights, INT8 activations, KV4)
 except "float". Steps are added in the paper's pipeline order: rotation, SmoothAttention, output
-smoothing, reordering (groups) or clipping (per-channel), GPTQ. Perplexity is measured on the
+smoothing, reordering (groups) or clipping (per-channel), GPTQ, all with fixed strengths; then
+the searches of the paper's code one by one (SmoothAttention's and the output smoothing's
+(alpha, beta) per layer, q/k clipping on the attention output for per-channel): the last row of
+each format is the converter's default recipe. Perplexity is measured on the
 Wikipedia summaries from the start (calibration draws from their second half) and on Botchan.
 """
 
@@ -15,20 +18,27 @@ import json
 import sys
 import time
 
-STEPS = ("rotate", "smooth_attention", "smooth_out", "smooth_down", "reorder", "clip", "gptq")
+from qoq_jax.quant.config import SEARCHES, STEPS
 
-
-def rows_for(group: int) -> list[tuple[str, dict]]:
-    """(label, QuantConfig overrides) for one variant, each step added to the one before."""
-    last = "reorder" if group != -1 else "clip"
+def rows_for(fmt: str) -> list[tuple[str, dict]]:
+    """(label, QuantConfig overrides) for one weight format, each step added to the one before:
+    the paper's steps with fixed strengths first, then each search in turn (the last row is
+    the converter's default recipe)."""
+    group = fmt != "per-channel"
+    last = "reorder" if group else "clip"
     ladder = [("rotation", ["rotate"]), ("+ SmoothAttention", ["smooth_attention"]),
               ("+ output smoothing", ["smooth_out", "smooth_down"]),
-              (f"+ {'reordering' if group != -1 else 'clipping'}", [last]), ("+ GPTQ (= QoQ)", ["gptq"])]
+              (f"+ {'reordering' if group else 'clipping'}", [last]),
+              ("+ GPTQ (fixed strengths)", ["gptq"]),
+              ("+ SmoothAttention search", ["search_smooth_attention"]),
+              ("+ output smoothing search", ["search_smoothing"])]
+    if not group:
+        ladder.append(("+ q/k clipping search", ["search_qk_clip"]))
     rows = [("RTN", {"method": "rtn"})]
     on: list[str] = []
     for label, steps in ladder:
         on += steps
-        rows.append((label, {s: (s in on) for s in STEPS}))
+        rows.append((label, {s: (s in on) for s in STEPS + SEARCHES}))
     return rows
 
 
@@ -40,7 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
-    ap.add_argument("--groups", type=int, nargs="+", default=[128, -1])
+    ap.add_argument("--formats", nargs="+", default=["g128", "per-channel"],
+                    choices=["g128", "g64", "per-channel"])
+    ap.add_argument("--only-last", action="store_true",
+                    help="only RTN and the full recipe (the last row) of each format")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -63,15 +76,15 @@ def main(argv=None) -> int:
     results = [{"variant": "float", "step": "float (16-bit KV)", **measure(fp)}]
     print(f"| variant | step | wiki | botchan |\n|---|---|---|---|\n| float | - | "
           f"{results[0]['wiki']:.3f} | {results[0]['botchan']:.3f} |", flush=True)
-    for group in args.groups:
-        variant = "per-channel" if group == -1 else f"g{group}"
-        for label, overrides in rows_for(group):
+    for variant in args.formats:
+        rows = rows_for(variant)
+        for label, overrides in (rows[:1] + rows[-1:] if args.only_last else rows):
             t0 = time.perf_counter()
-            qcfg = QuantConfig(group_size=group, calib_samples=args.calib_samples,
+            qcfg = QuantConfig(weight_format=variant, calib_samples=args.calib_samples,
                                calib_seq_len=args.calib_seq_len, **overrides)
             llm = qoq_jax.load(args.model, dtype="float32", quantize=qcfg)
             row = {"variant": variant, "step": label, **measure(llm),
-                   "recipe": {s: getattr(qcfg, s) for s in STEPS},
+                   "recipe": {s: getattr(qcfg, s) for s in STEPS + SEARCHES},
                    "seconds": time.perf_counter() - t0}
             results.append(row)
             print(f"| {variant} | {label} | {row['wiki']:.3f} | {row['botchan']:.3f} |",

@@ -1,27 +1,36 @@
-"""Calibration data and the per-layer forward pass that collects activation statistics.
+"""Calibration data, and one decoder layer run on it to collect what the QoQ steps need.
 
 Calibration runs block by block: only one layer's inputs (``samples x seq_len x hidden``) are
-held at a time, so memory stays bounded whatever the depth of the model. Each layer's forward
-here is plain JAX in float32 on an unpadded batch (every calibration sample is full length),
-with the same math as qoq_jax.model, and returns what the QoQ steps need:
+held at a time, so memory stays bounded whatever the depth of the model. The layer that runs is
+the model's own (``qoq_jax.model.DecoderLayer`` through ``model._layer_forward``), built in
+float32 from the layer's transformed weights, with two changes that leave its math alone:
 
-- ``k_absmax``   max |K| per (KV head, channel) after RoPE       -> SmoothAttention
+- its projections are ``RecordingLinear``s, which ``sow`` their inputs (nnx.Intermediate);
+- its KV cache is a ``DenseKV``: whole sequences, keys after RoPE, causal attention over them.
+
+From one run it returns the layer's outputs (the next layer's inputs) and:
+
+- ``k_absmax`` / ``q_absmax``  max |K| / |Q| per (head, channel) after RoPE -> SmoothAttention
 - ``o_absmax``   max |x| per input channel of o_proj             -> v->o smoothing, reordering
 - ``down_absmax``max |x| per input channel of down_proj          -> up->down smoothing, reordering
 - ``hessians``   X^T X of each projection's input (optional)     -> clipping search, GPTQ
+- ``captured``   the activations the transform searches need (h, q, k, v after RoPE, o_proj and
+                 down_proj inputs) for the first few samples (optional, see ``capture``)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qoq_jax.config import ModelConfig, rope_inv_freq
-from qoq_jax.layers import apply_rope, rms_norm, rope_cos_sin
+from qoq_jax.layers import Linear, apply_rope, rope_cos_sin
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -29,6 +38,9 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 HESSIAN_OF = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
               "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up",
               "mlp.down_proj": "down"}
+# The projection whose recorded input each Hessian is taken from.
+INPUT_OF = {"qkv": ("self_attn", "q_proj"), "o": ("self_attn", "o_proj"),
+            "gate_up": ("mlp", "gate_proj"), "down": ("mlp", "down_proj")}
 
 
 def calibration_tokens(tokenizer, docs: list[str], samples: int, seq_len: int,
@@ -58,74 +70,129 @@ def calibration_tokens(tokenizer, docs: list[str], samples: int, seq_len: int,
     return flat[:n * seq_len].reshape(n, seq_len).astype(np.int32)
 
 
+class RecordingLinear(Linear):
+    """The float Linear, recording its input with ``sow`` (calibration only)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.sow(nnx.Intermediate, "input", x)
+        return super().__call__(x)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DenseKV:
+    """The calibration stand-in for the paged cache: one layer's whole sequences, float32,
+    keys after RoPE. Same ``write`` interface as the paged caches (pages are not used)."""
+
+    k: Any = None  # [S, T, Hkv, D]
+    v: Any = None
+
+    def write(self, layer, k, v, cos, sin, page, slot) -> "DenseKV":
+        return DenseKV(apply_rope(k, cos, sin), v)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Dense causal attention in float32: q [S, T, Hq, D], k/v [S, T, Hkv, D] -> [S, T, Hq, D]."""
+    s, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(s, t, hkv, hq // hkv, d).astype(jnp.float32)
+    scores = jnp.einsum("sqhgd,skhd->shgqk", qg, k.astype(jnp.float32)) * d ** -0.5
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+    out = jnp.einsum("shgqk,skhd->sqhgd", jax.nn.softmax(scores, axis=-1), v.astype(jnp.float32))
+    return out.reshape(s, t, hq, d)
+
+
+def layer_module(w: dict[str, np.ndarray], cfg: ModelConfig) -> nnx.Module:
+    """The model's DecoderLayer with RecordingLinear projections, filled from weights named
+    relative to the layer ("self_attn.q_proj.weight", ...)."""
+    from qoq_jax.model import DecoderLayer
+
+    abstract = nnx.eval_shape(lambda: DecoderLayer(cfg, jnp.float32, RecordingLinear))
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(p) for p in path)
+        if name not in w:
+            raise KeyError(f"calibration: no weight {name!r} for the layer")
+        flat.append((path, var.replace(value=jnp.asarray(w[name], jnp.float32))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "hessians", "capture"))
+def _calibrate(graphdef, state, cfg: ModelConfig, x: jax.Array, hessians: bool, capture: int):
+    """The layer on x [S, T, D]: (outputs, statistics, captured activations of `capture` rows)."""
+    from qoq_jax.model import _layer_forward
+
+    layer = nnx.merge(graphdef, state)
+    s, t, _ = x.shape
+    cos, sin = rope_cos_sin(jnp.arange(t)[None, :], rope_inv_freq(cfg))
+    seen = {}
+
+    def attend(q, cache, layer_idx):
+        seen["q"] = q
+        o = causal_attention(q, cache.k, cache.v)
+        seen["k"], seen["v"] = cache.k, cache.v
+        return o.astype(q.dtype)
+
+    def run(layer):
+        return _layer_forward(layer, cfg, x, cos, sin, DenseKV(), 0, None, None, attend)[0]
+
+    y, sown = nnx.capture(run, nnx.Intermediate)(layer)
+    inputs = {name: sown[a][b]["input"][0] for name, (a, b) in INPUT_OF.items()}
+
+    def amax(a):
+        return jnp.abs(a).reshape(-1, a.shape[-2] * a.shape[-1] if a.ndim == 4
+                                  else a.shape[-1]).max(axis=0)
+
+    stats = {"k_absmax": amax(seen["k"]), "q_absmax": amax(seen["q"]),
+             "o_absmax": amax(inputs["o"]), "down_absmax": amax(inputs["down"])}
+    if hessians:
+        for name, a in inputs.items():
+            a = a.reshape(-1, a.shape[-1])
+            stats["h_" + name] = a.T @ a
+    captured = {}
+    if capture:
+        captured = {"h": inputs["qkv"][:capture], "q": seen["q"][:capture],
+                    "k": seen["k"][:capture], "v": seen["v"][:capture],
+                    "o_in": inputs["o"][:capture], "down_in": inputs["down"][:capture]}
+    return y, stats, captured
+
+
 @dataclasses.dataclass
 class LayerStats:
     k_absmax: np.ndarray  # [Hkv * D]
+    q_absmax: np.ndarray  # [Hq * D]
     o_absmax: np.ndarray  # [Hq * D]
     down_absmax: np.ndarray  # [F]
     hessians: dict[str, np.ndarray] | None  # "qkv", "o", "gate_up", "down" -> [K, K]
     tokens: int
-
-
-def _linear(w, name, x):
-    y = jnp.einsum("...k,nk->...n", x, w[name + ".weight"])
-    if name + ".bias" in w:
-        y = y + w[name + ".bias"]
-    return y
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "hessians"))
-def _layer(w: dict, cfg: ModelConfig, x: jax.Array, hessians: bool):
-    """One decoder layer on x [S, T, D] (float32): returns (output, statistics)."""
-    s, t, _ = x.shape
-    hd, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    cos, sin = rope_cos_sin(jnp.arange(t)[None, :], rope_inv_freq(cfg))
-    h = rms_norm(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
-    q = _linear(w, "self_attn.q_proj", h).reshape(s, t, hq, hd)
-    k = _linear(w, "self_attn.k_proj", h).reshape(s, t, hkv, hd)
-    v = _linear(w, "self_attn.v_proj", h).reshape(s, t, hkv, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    g = hq // hkv
-    scores = jnp.einsum("sqhgd,skhd->shgqk", q.reshape(s, t, hkv, g, hd), k) * hd ** -0.5
-    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
-    attn = jnp.einsum("shgqk,skhd->sqhgd", jax.nn.softmax(scores, axis=-1), v)
-    o_in = attn.reshape(s, t, hq * hd)
-    x = x + _linear(w, "self_attn.o_proj", o_in)
-    h2 = rms_norm(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-    gate, up = _linear(w, "mlp.gate_proj", h2), _linear(w, "mlp.up_proj", h2)
-    down_in = jax.nn.silu(gate) * up
-    x = x + _linear(w, "mlp.down_proj", down_in)
-
-    def amax(a):
-        return jnp.abs(a).reshape(-1, a.shape[-1]).max(axis=0)
-
-    def gram(a):
-        a = a.reshape(-1, a.shape[-1])
-        return a.T @ a
-
-    stats = {"k_absmax": amax(k.reshape(s, t, hkv * hd)), "o_absmax": amax(o_in),
-             "down_absmax": amax(down_in)}
-    if hessians:
-        stats.update(h_qkv=gram(h), h_o=gram(o_in), h_gate_up=gram(h2), h_down=gram(down_in))
-    return x, stats
+    captured: dict[str, np.ndarray] | None = None  # see the module docstring
 
 
 def run_layer(w: dict[str, np.ndarray], cfg: ModelConfig, x: np.ndarray, *,
-              hessians: bool = False, chunk: int = 8) -> tuple[np.ndarray, LayerStats]:
-    """Run one layer (weights named relative to the layer: "self_attn.q_proj.weight", ...) on the
-    calibration inputs x [S, T, D], `chunk` samples at a time; returns (outputs, statistics)."""
-    wj = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
-    outs, acc = [], None
+              hessians: bool = False, capture: int = 0,
+              chunk: int = 8) -> tuple[np.ndarray, LayerStats]:
+    """Run one layer (weights named relative to the layer) on the calibration inputs
+    x [S, T, D], `chunk` samples at a time; returns (outputs, statistics). `capture` > 0 also
+    returns the searches' activations of the first `capture` samples."""
+    graphdef, state = nnx.split(layer_module(w, cfg))
+    outs, acc, captured = [], None, None
     for start in range(0, x.shape[0], chunk):
-        y, st = _layer(wj, cfg, jnp.asarray(x[start:start + chunk], jnp.float32), hessians)
+        rows = min(capture - start, chunk) if capture > start else 0
+        y, st, cap = _calibrate(graphdef, state, cfg, jnp.asarray(x[start:start + chunk],
+                                                                   jnp.float32), hessians, rows)
         outs.append(np.asarray(y))
         st = {k: np.asarray(v, np.float64) for k, v in st.items()}
+        if rows:
+            cap = {k: np.asarray(v) for k, v in cap.items()}
+            captured = cap if captured is None else {
+                k: np.concatenate([captured[k], cap[k]]) for k in cap}
         if acc is None:
             acc = st
         else:
             for k, v in st.items():
                 acc[k] = np.maximum(acc[k], v) if k.endswith("absmax") else acc[k] + v
-    h = ({"qkv": acc["h_qkv"], "o": acc["h_o"], "gate_up": acc["h_gate_up"],
-          "down": acc["h_down"]} if hessians else None)
-    return np.concatenate(outs), LayerStats(acc["k_absmax"], acc["o_absmax"], acc["down_absmax"],
-                                            h, x.shape[0] * x.shape[1])
+    h = {name: acc["h_" + name] for name in INPUT_OF} if hessians else None
+    return np.concatenate(outs), LayerStats(acc["k_absmax"], acc["q_absmax"], acc["o_absmax"],
+                                            acc["down_absmax"], h, x.shape[0] * x.shape[1],
+                                            captured)

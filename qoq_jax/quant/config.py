@@ -1,12 +1,24 @@
-"""QuantConfig: the whole QoQ recipe, recorded in a quantized checkpoint's config.json."""
+"""QuantConfig: the whole QoQ recipe, recorded in a quantized checkpoint's config.json.
+
+Frozen: what the user asked for is what the checkpoint records. Steps left at None take the
+method's default (the paper's recipe for "qoq": reordering for group formats, clipping for
+per-channel; nothing for "rtn"); an explicit value is kept, and one that contradicts the method
+(a transform with "rtn") is an error, not silently overridden. What the pipeline *chose* (searched
+strengths, the effective format per projection) is not the recipe: it comes back separately, as
+``pipeline.QuantReport``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from pallas_kernels.packing import WeightFormat
+
 METHODS = ("qoq", "rtn")
-GROUP_SIZES = (-1, 64, 128)
+# The steps of the pipeline, in the paper's order; None = the method's default.
+STEPS = ("rotate", "smooth_attention", "smooth_out", "smooth_down", "reorder", "clip", "gptq")
+SEARCHES = ("search_smooth_attention", "search_smoothing", "search_qk_clip")
 
 # Output-smoothing (alpha, beta) of the paper's code per model (qserve_spec.md section 1.12):
 # lambda_j = max|X_j|^alpha / max|W_:,j|^beta on out_proj (v->o) and down_proj (up->down).
@@ -25,53 +37,73 @@ SMOOTH_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
 DEFAULT_PRESET = "llama-3-8b"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class QuantConfig:
     method: str = "qoq"
-    group_size: int = 128  # -1: per-channel
+    weight_format: WeightFormat = WeightFormat.G128  # also accepts "g64", "per-channel", -1/128/64
     kv_cache: str = "kv4"
-    rotate: bool = True  # block input rotation (Hadamard), norms folded first
-    smooth_attention: bool = True  # SmoothAttention on post-RoPE keys
-    smooth_attention_alpha: float = 0.5
-    smooth_out: bool = True  # v_proj -> o_proj output smoothing
-    smooth_down: bool = True  # up_proj -> down_proj output smoothing
-    smooth_alpha: float | None = None  # None: from the preset
+    rotate: bool | None = None  # block input rotation (Hadamard), norms folded first
+    smooth_attention: bool | None = None  # SmoothAttention on post-RoPE keys
+    smooth_attention_alpha: float = 0.5  # the fixed strength (when not searched)
+    smooth_out: bool | None = None  # v_proj -> o_proj output smoothing
+    smooth_down: bool | None = None  # up_proj -> down_proj output smoothing
+    smooth_alpha: float | None = None  # None: from the preset (when not searched)
     smooth_beta: float | None = None
     preset: str = DEFAULT_PRESET
-    reorder: bool | None = None  # None: on for group quantization (the paper's g128 recipe)
+    reorder: bool | None = None  # None: on for group formats (the paper's g128 recipe)
     clip: bool | None = None  # None: on for per-channel (the paper's recipe)
     clip_grid: int = 80  # ratios 1.0, 1 - 0.8/grid, ..., 0.2
     clip_min: float = 0.2
-    gptq: bool = True  # GPTQ rounding (the paper's recipe uses it for both variants)
+    gptq: bool | None = None  # GPTQ rounding (the paper's recipe uses it for both formats)
+    # The paper code's searches (quant/search.py): per-layer strengths instead of fixed ones.
+    search_smooth_attention: bool | None = None  # grid over (alpha, beta) of SmoothAttention
+    search_smoothing: bool | None = None  # grid over (alpha, beta) of v->o and up->down
+    search_qk_clip: bool | None = None  # q/k_proj clipping on the attention output
+    search_grid: int = 10  # alpha in steps of 1/search_grid
+    search_tokens: int = 4096  # calibration tokens the searches score candidates on
     calib_samples: int = 128
     calib_seq_len: int = 1024
-    calib_text: list[str] = dataclasses.field(default_factory=list)
+    calib_text: tuple[str, ...] = ()
     seed: int = 42
-    # Filled in by the converter: the effective group size of each projection (128 -> 64 where
-    # the input size is not a multiple of 128).
-    layer_group_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group size must be one of {GROUP_SIZES}, not {self.group_size}")
+        set_("weight_format", WeightFormat.parse(self.weight_format))
+        set_("calib_text", tuple(self.calib_text))
         if self.preset not in SMOOTH_PRESETS:
             raise ValueError(f"unknown smoothing preset {self.preset!r}; known: "
                              f"{', '.join(SMOOTH_PRESETS)}")
+        group = self.weight_format.is_group
         if self.method == "rtn":  # the baseline: no transform, plain round-to-nearest
-            self.rotate = self.smooth_attention = self.smooth_out = self.smooth_down = False
-            self.reorder = self.clip = self.gptq = False
-        if self.reorder is None:
-            self.reorder = self.group_size != -1
-        if self.clip is None:
-            self.clip = self.group_size == -1
-        variant = "per_channel" if self.group_size == -1 else "group"
+            given = [s for s in STEPS + SEARCHES if getattr(self, s)]
+            if given:
+                raise ValueError(f"method 'rtn' is plain round-to-nearest: it takes no "
+                                 f"{', '.join(given)} (use method 'qoq')")
+            defaults = dict.fromkeys(STEPS + SEARCHES[:2], False)
+        else:
+            defaults = dict(rotate=True, smooth_attention=True, smooth_out=True,
+                            smooth_down=True, reorder=group, clip=not group, gptq=True,
+                            search_smooth_attention=True, search_smoothing=True)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                set_(name, value)
+        if self.search_qk_clip is None:
+            set_("search_qk_clip", bool(self.clip and not group))
+        if self.search_qk_clip and (group or not self.clip):
+            raise ValueError("search_qk_clip searches the clipping ratio of q/k_proj: it needs "
+                             "clip and the per-channel format")
+        variant = "group" if group else "per_channel"
         alpha, beta = SMOOTH_PRESETS[self.preset][variant]
-        self.smooth_alpha = alpha if self.smooth_alpha is None else self.smooth_alpha
-        self.smooth_beta = beta if self.smooth_beta is None else self.smooth_beta
+        set_("smooth_alpha", alpha if self.smooth_alpha is None else self.smooth_alpha)
+        set_("smooth_beta", beta if self.smooth_beta is None else self.smooth_beta)
         if not 0 < self.clip_min <= 1 or self.clip_grid < 1:
             raise ValueError("clip_min must be in (0, 1] and clip_grid >= 1")
+        if self.search_grid < 2 or self.search_tokens < 1:
+            raise ValueError("search_grid must be >= 2 and search_tokens >= 1")
+        if self.kv_cache not in ("kv4", "16bit"):
+            raise ValueError(f"kv_cache must be 'kv4' or '16bit', not {self.kv_cache!r}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -79,9 +111,21 @@ class QuantConfig:
                 or self.clip or self.gptq)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["weight_format"] = self.weight_format.value
+        d["calib_text"] = list(self.calib_text)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        """Reads this recipe, and the older one (group_size -1/128/64, steps the method turned
+        off written as False, a layer_group_sizes entry) that earlier checkpoints carry."""
+        d = dict(d)
+        if "weight_format" not in d and "group_size" in d:
+            d["weight_format"] = d["group_size"]
+        if d.get("method") == "rtn":  # older recipes wrote rtn's steps out as False
+            for name in STEPS + SEARCHES:
+                if d.get(name) is False:
+                    d.pop(name)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

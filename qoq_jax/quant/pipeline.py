@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from pallas_kernels import packing
 from qoq_jax.config import ModelConfig
-from qoq_jax.quant import gptq, transforms
+from qoq_jax.quant import gptq, search, transforms
 from qoq_jax.quant.calibration import HESSIAN_OF, LINEAR_NAMES, run_layer
-from qoq_jax.quant.clipping import search_per_channel
+from qoq_jax.quant.clipping import clip_ratios, search_per_channel
 from qoq_jax.quant.config import QuantConfig
 from qoq_jax.quant.hadamard import rotation_matrix
 
@@ -49,20 +50,51 @@ def format_fields(fmt) -> dict[str, np.ndarray]:
     return {"qweight": fmt.qweight, "scale": fmt.scale, "szero": fmt.szero}
 
 
-def quantize_linear(w: np.ndarray, qcfg: QuantConfig, hessian: np.ndarray | None):
-    """One projection's packed format: clipping ranges (per-channel), then GPTQ or RTN codes."""
+@dataclasses.dataclass
+class QuantReport:
+    """What the pipeline chose, layer by layer: the searched strengths (SmoothAttention's and
+    the output smoothing's (alpha, beta), q/k clipping ratios) and each projection's effective
+    weight format (g128 falls back to g64 where K % 128 != 0). Stored in the checkpoint's
+    config.json next to the recipe."""
+
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"formats": dict(self.formats), "layers": [dict(x) for x in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantReport":
+        return cls(dict(d.get("formats", {})), [dict(x) for x in d.get("layers", [])])
+
+    def describe(self, i: int) -> str:
+        """One line for layer i: its searched choices."""
+        parts = [f"{k} {v[0]:.2f}/{v[1]:.2f}" if isinstance(v, (list, tuple)) else f"{k} {v:.2f}"
+                 for k, v in self.layers[i].items()]
+        return f"layer {i}: " + (", ".join(parts) if parts else "no search")
+
+
+def quantize_linear(w: np.ndarray, qcfg: QuantConfig, hessian: np.ndarray | None,
+                    ratio: float | None = None):
+    """One projection's packed format: clipping ranges (per-channel), then GPTQ or RTN codes.
+    ratio: a clipping ratio searched for the whole projection (q/k_proj), instead of the per-row
+    search."""
     w = np.asarray(w, np.float32)
     use_gptq = qcfg.gptq and hessian is not None
-    if qcfg.group_size == -1:
+    fmt = qcfg.weight_format
+    if not fmt.is_group:
         lo = hi = None
-        if qcfg.clip and hessian is not None:
+        if ratio is not None:
+            lo = np.minimum(w.min(axis=1), 0.0) * ratio
+            hi = np.maximum(w.max(axis=1), 0.0) * ratio
+        elif qcfg.clip and hessian is not None:
             lo, hi = search_per_channel(w, hessian, qcfg.clip_grid, qcfg.clip_min)
         if use_gptq:
             return gptq.gptq_per_channel(w, hessian, lo, hi)
         return packing.quantize_per_channel(w, lo, hi)
     if use_gptq:
-        return gptq.gptq_group(w, hessian, qcfg.group_size)
-    return packing.quantize_group(w, qcfg.group_size)
+        return gptq.gptq_group(w, hessian, fmt.group_size)
+    return packing.quantize_group(w, fmt.group_size)
 
 
 def _transformed_ends(cfg: ModelConfig, weights, rot):
@@ -83,27 +115,72 @@ def _transformed_ends(cfg: ModelConfig, weights, rot):
     return out, cfg
 
 
+@dataclasses.dataclass
+class _Layer:
+    """One transformed layer on its way to quantization."""
+
+    index: int
+    weights: dict[str, np.ndarray]
+    hessians: dict[str, np.ndarray] | None
+    qkv_input: np.ndarray | None  # captured q/k/v_proj input (for the q/k clipping search)
+    choices: dict[str, Any]
+
+
+def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict) -> dict:
+    """SmoothAttention, then v->o and up->down smoothing, each searched or fixed."""
+    fmt = qcfg.weight_format
+    steps = qcfg.search_grid
+    cap = stats.captured
+    if qcfg.smooth_attention:
+        if qcfg.search_smooth_attention:
+            alpha, beta = search.search_smooth_attention(cap, stats.k_absmax, stats.q_absmax,
+                                                         cfg, steps)
+            choices["smooth_attention"] = (alpha, beta)
+        else:
+            alpha, beta = qcfg.smooth_attention_alpha, 0.0
+        w = transforms.smooth_attention(w, cfg, stats.k_absmax, alpha, stats.q_absmax, beta)
+    fixed = (qcfg.smooth_alpha, qcfg.smooth_beta)
+    if qcfg.smooth_out:
+        ab = fixed
+        if qcfg.search_smoothing:
+            wo = w["self_attn.o_proj.weight"]
+            ab = search.search_output_smoothing(
+                cap["o_in"], wo,
+                lambda a, b: transforms.out_lambda(w, cfg, stats.o_absmax, a, b),
+                fmt, steps)
+            choices["smooth_out"] = ab
+        w = transforms.smooth_out(w, cfg, stats.o_absmax, *ab)
+    if qcfg.smooth_down:
+        ab = fixed
+        if qcfg.search_smoothing:
+            wd = w["mlp.down_proj.weight"]
+            ab = search.search_output_smoothing(
+                cap["down_in"], wd,
+                lambda a, b: transforms.down_lambda(w, stats.down_absmax, a, b),
+                fmt, steps)
+            choices["smooth_down"] = ab
+        w = transforms.smooth_down(w, stats.down_absmax, *ab)
+    return w
+
+
 def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed,
                         calib_tokens, want_hessians: bool):
-    """Yields (layer index, transformed float64 weights, input Hessians or None), layer by layer."""
+    """Yields each layer transformed (a _Layer), one layer at a time."""
     x = None if calib_tokens is None or not qcfg.needs_calibration else embed[calib_tokens]
     names = layer_weight_names(cfg)
+    searching = qcfg.search_smooth_attention or qcfg.search_smoothing or qcfg.search_qk_clip
+    capture = 0
+    if x is not None and searching:  # whole samples, at least one
+        capture = max(1, min(x.shape[0], qcfg.search_tokens // x.shape[1]))
     for i in range(cfg.num_layers):
         w = {n: np.asarray(weights[f"model.layers.{i}.{n}"], np.float64) for n in names}
         if rot is not None:
             w = transforms.rotate_layer(w, rot)
-        hessians = None
+        hessians, qkv_input, choices = None, None, {}
         if x is not None:
-            _, stats = run_layer(w, cfg, x)
-            if qcfg.smooth_attention:
-                w = transforms.smooth_attention(w, cfg, stats.k_absmax,
-                                                qcfg.smooth_attention_alpha)
-            if qcfg.smooth_out:
-                w = transforms.smooth_out(w, cfg, stats.o_absmax, qcfg.smooth_alpha,
-                                          qcfg.smooth_beta)
-            if qcfg.smooth_down:
-                w = transforms.smooth_down(w, stats.down_absmax, qcfg.smooth_alpha,
-                                           qcfg.smooth_beta)
+            _, stats = run_layer(w, cfg, x, capture=capture)
+            w = _smooth(w, cfg, qcfg, stats, choices)
+            qkv_input = None if stats.captured is None else stats.captured["h"]
             x_next, stats = run_layer(w, cfg, x, hessians=want_hessians)
             hessians = stats.hessians
             if qcfg.reorder:
@@ -115,36 +192,47 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
                              + np.repeat(perms, cfg.q_per_kv, axis=0)).reshape(-1)
                     hessians["o"] = hessians["o"][o_idx][:, o_idx]
             x = x_next
-        yield i, w, hessians
+        yield _Layer(i, w, hessians, qkv_input, choices)
 
 
 def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: QuantConfig,
                      calib_tokens: np.ndarray | None = None, progress: bool = True
-                     ) -> tuple[dict[str, np.ndarray], ModelConfig, QuantConfig]:
-    """Returns (named tensors of the quantized model, its ModelConfig, the filled QuantConfig)."""
+                     ) -> tuple[dict[str, np.ndarray], ModelConfig, QuantReport]:
+    """Returns (named tensors of the quantized model, its ModelConfig, what was chosen)."""
     from tqdm.auto import tqdm
 
     if qcfg.needs_calibration and calib_tokens is None:
         raise ValueError(f"method {qcfg.method!r} with these steps needs calibration tokens")
-    qcfg = dataclasses.replace(qcfg, layer_group_sizes={})
+    report = QuantReport()
     rot = rotation_matrix(cfg.hidden_size) if qcfg.rotate else None
     out, qcfg_model = _transformed_ends(cfg, weights, rot)
     layers = _transformed_layers(cfg, weights, qcfg, rot, out["model.embed_tokens.weight"],
                                  calib_tokens, want_hessians=qcfg.clip or qcfg.gptq)
-    for i, w, hessians in tqdm(layers, total=cfg.num_layers, desc=f"quantizing ({qcfg.method})",
-                               unit="layer", disable=not progress):
-        prefix = f"model.layers.{i}."
+    bar = tqdm(layers, total=cfg.num_layers, desc=f"quantizing ({qcfg.method})", unit="layer",
+               disable=not progress)
+    ratios = clip_ratios(qcfg.clip_grid, qcfg.clip_min)
+    for layer in bar:
+        w, prefix = layer.weights, f"model.layers.{layer.index}."
+        ratio_of = {}
+        if qcfg.search_qk_clip and layer.qkv_input is not None:
+            rq, rk = search.search_qk_clipping(layer.qkv_input, w, cfg, ratios)
+            ratio_of = {"self_attn.q_proj": rq, "self_attn.k_proj": rk}
+            layer.choices["clip_q"], layer.choices["clip_k"] = rq, rk
+        report.layers.append(layer.choices)
+        if layer.choices and progress:
+            bar.write(report.describe(layer.index))
         for name in LINEAR_NAMES:
-            h = None if hessians is None else hessians[HESSIAN_OF[name]]
-            fmt = quantize_linear(w[name + ".weight"], qcfg, h)
-            qcfg.layer_group_sizes[name] = -1 if qcfg.group_size == -1 else fmt.group_size
+            h = None if layer.hessians is None else layer.hessians[HESSIAN_OF[name]]
+            fmt = quantize_linear(w[name + ".weight"], qcfg, h, ratio_of.get(name))
+            report.formats[name] = qcfg.weight_format.for_input_size(
+                w[name + ".weight"].shape[1]).value
             for field, value in format_fields(fmt).items():
                 out[f"{prefix}{name}.{field}"] = np.asarray(value)
             if name + ".bias" in w:
                 out[f"{prefix}{name}.bias"] = w[name + ".bias"].astype(np.float32)
         for norm in NORMS:
             out[f"{prefix}{norm}.weight"] = w[norm + ".weight"].astype(np.float32)
-    return out, qcfg_model, qcfg
+    return out, qcfg_model, report
 
 
 def transformed_float_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray],
@@ -154,7 +242,8 @@ def transformed_float_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray
     reordering), in HF names: it must compute the same logits as the original (tests check)."""
     rot = rotation_matrix(cfg.hidden_size) if qcfg.rotate else None
     out, new_cfg = _transformed_ends(cfg, weights, rot)
-    for i, w, _ in _transformed_layers(cfg, weights, qcfg, rot, out["model.embed_tokens.weight"],
-                                       calib_tokens, want_hessians=False):
-        out.update({f"model.layers.{i}.{n}": v.astype(np.float32) for n, v in w.items()})
+    for layer in _transformed_layers(cfg, weights, qcfg, rot, out["model.embed_tokens.weight"],
+                                     calib_tokens, want_hessians=False):
+        out.update({f"model.layers.{layer.index}.{n}": v.astype(np.float32)
+                    for n, v in layer.weights.items()})
     return out, new_cfg

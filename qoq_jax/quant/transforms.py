@@ -6,8 +6,9 @@ compute the same function (up to rounding), with activations or weights that qua
 
 - rotate_layer:        fold RMSNorm weights into the next linears, then rotate the residual
                        stream by an orthogonal Hadamard R (inputs W R, outputs Rᵀ W)
-- smooth_attention:    q_proj rows x lambda, k_proj rows / lambda, lambda = max|K_c|^alpha from
-                       post-RoPE keys, shared by each RoPE pair (c, c + d/2) and each GQA group
+- smooth_attention:    q_proj rows x lambda, k_proj rows / lambda, lambda = max|K_c|^alpha /
+                       max|Q_c|^beta from post-RoPE maxima, shared by each RoPE pair (c, c + d/2)
+                       and each GQA group
 - smooth_out / smooth_down: SmoothQuant-style lambda_j = max|X_j|^alpha / max|W_:,j|^beta
                        moved from o_proj's inputs into v_proj's rows (GQA-aware), and from
                        down_proj's inputs into up_proj's rows
@@ -57,14 +58,27 @@ def _safe(lam: np.ndarray) -> np.ndarray:
     return lam if np.all(np.isfinite(lam)) else np.ones_like(lam)
 
 
-def smooth_attention(w: dict, cfg: ModelConfig, k_absmax: np.ndarray, alpha: float = 0.5) -> dict:
-    """lambda per (KV head, channel) from post-RoPE key maxima; q rows x lambda, k rows / lambda."""
+def attention_lambda(k_span: np.ndarray, q_span: np.ndarray | None, cfg: ModelConfig,
+                     alpha: float, beta: float = 0.0, xp=np) -> np.ndarray:
+    """SmoothAttention's lambda [Hkv, D] = K_span^alpha / Q_span^beta from post-RoPE maxima
+    (k_span [Hkv * D], q_span [Hq * D]), one value per RoPE pair (c, c + D/2) and per KV head (the
+    query span is max-reduced over the group's query heads). xp: numpy, or jax.numpy under jit."""
     hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
-    span = k_absmax.reshape(hkv, 2, hd // 2).max(axis=1)  # one value per RoPE pair
-    lam = _safe(np.concatenate([span, span], axis=1) ** alpha)  # [Hkv, D]
+    pos = lambda t: xp.where(t > 0, t, 1.0)  # noqa: E731  (zero spans count as 1)
+    lam = pos(k_span.reshape(hkv, 2, hd // 2).max(axis=1)) ** alpha
+    if q_span is not None:
+        lam = lam / pos(q_span.reshape(hkv, g, 2, hd // 2).max(axis=(1, 2))) ** beta
+    lam = xp.where(xp.isfinite(lam) & (lam > 0), lam, 1.0)
+    return xp.concatenate([lam, lam], axis=1)
+
+
+def smooth_attention(w: dict, cfg: ModelConfig, k_absmax: np.ndarray, alpha: float = 0.5,
+                     q_absmax: np.ndarray | None = None, beta: float = 0.0) -> dict:
+    """q rows x lambda, k rows / lambda, lambda from attention_lambda (the paper: beta = 0)."""
+    lam = attention_lambda(k_absmax, q_absmax if beta else None, cfg, alpha, beta)
     w = dict(w)
     _scale_rows(w, "self_attn.k_proj", 1.0 / lam.reshape(-1))
-    _scale_rows(w, "self_attn.q_proj", np.repeat(lam, g, axis=0).reshape(-1))  # each group
+    _scale_rows(w, "self_attn.q_proj", np.repeat(lam, cfg.q_per_kv, axis=0).reshape(-1))
     return w
 
 
@@ -79,27 +93,38 @@ def smooth_lambda(x_absmax: np.ndarray, w_colmax: np.ndarray, alpha: float,
     return _safe(lam)
 
 
+def out_lambda(w: dict, cfg: ModelConfig, o_absmax: np.ndarray, alpha: float,
+               beta: float) -> np.ndarray:
+    """v->o lambda for o_proj's input channels [Hq * D]. With GQA one v row feeds several query
+    heads; the lambda of the group's first head is used for all of them."""
+    hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
+    lam = smooth_lambda(o_absmax, np.abs(w["self_attn.o_proj.weight"]).max(axis=0), alpha, beta)
+    return np.repeat(lam.reshape(hkv, g, hd)[:, :1, :], g, axis=1).reshape(-1)
+
+
 def smooth_out(w: dict, cfg: ModelConfig, o_absmax: np.ndarray, alpha: float,
                beta: float) -> dict:
-    """Move lambda from o_proj's input channels into v_proj's rows. With GQA one v row feeds
-    several query heads; the lambda of the group's first head is used for all of them."""
+    """Move lambda (out_lambda) from o_proj's input channels into v_proj's rows."""
     hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
-    wo = w["self_attn.o_proj.weight"]
-    lam = smooth_lambda(o_absmax, np.abs(wo).max(axis=0), alpha, beta)
+    lam = out_lambda(w, cfg, o_absmax, alpha, beta)
     lam_v = lam.reshape(hkv, g, hd)[:, 0, :]  # [Hkv, D]
     w = dict(w)
     _scale_rows(w, "self_attn.v_proj", 1.0 / lam_v.reshape(-1))
-    w["self_attn.o_proj.weight"] = wo * np.repeat(lam_v, g, axis=0).reshape(-1)[None, :]
+    w["self_attn.o_proj.weight"] = w["self_attn.o_proj.weight"] * lam[None, :]
     return w
+
+
+def down_lambda(w: dict, down_absmax: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """up->down lambda for down_proj's input channels [F]."""
+    return smooth_lambda(down_absmax, np.abs(w["mlp.down_proj.weight"]).max(axis=0), alpha, beta)
 
 
 def smooth_down(w: dict, down_absmax: np.ndarray, alpha: float, beta: float) -> dict:
     """Move lambda from down_proj's input channels into up_proj's rows (SwiGLU is linear in up)."""
-    wd = w["mlp.down_proj.weight"]
-    lam = smooth_lambda(down_absmax, np.abs(wd).max(axis=0), alpha, beta)
+    lam = down_lambda(w, down_absmax, alpha, beta)
     w = dict(w)
     _scale_rows(w, "mlp.up_proj", 1.0 / lam)
-    w["mlp.down_proj.weight"] = wd * lam[None, :]
+    w["mlp.down_proj.weight"] = w["mlp.down_proj.weight"] * lam[None, :]
     return w
 
 

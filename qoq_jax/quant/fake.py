@@ -1,0 +1,74 @@
+"""Fake quantization in JAX: what a tensor becomes after the W4A8KV4 formats round it.
+
+The transform searches score each candidate by the error the real formats would make, many
+candidates at a time under jit, so they need the formats as differentiable-free float functions
+of float inputs. Each function here follows the definition it mirrors (same scale rounding to
+fp16, same clamps, round half to even) and a test checks it against that definition:
+
+- ``w4_per_channel``  packing.quantize_per_channel, with the range [r * min, r * max] per row
+- ``w4_group``        packing.quantize_group (progressive: INT8 level per row, UINT4 per group)
+- ``int8_per_token``  pallas_kernels.quantize (per-token symmetric INT8, fp16 scale)
+- ``kv4``             pallas_kernels.kv4 (per token and head, UINT4 with fp16 scale and zero)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.kv4 import dequantize_kv4, quantize_kv4
+from pallas_kernels.packing import PROTECTIVE_RANGE, WeightFormat
+
+
+def _fp16(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float16).astype(jnp.float32)
+
+
+def w4_per_channel(w: jax.Array, ratio: jax.Array | float = 1.0) -> jax.Array:
+    """w [N, K] -> its per-channel W4 values, the range of each row shrunk by `ratio`
+    (a scalar or [N])."""
+    w = w.astype(jnp.float32)
+    r = jnp.asarray(ratio, jnp.float32).reshape(-1, 1) if jnp.ndim(ratio) else ratio
+    lo = jnp.minimum(w.min(axis=1, keepdims=True), 0.0) * r
+    hi = jnp.maximum(w.max(axis=1, keepdims=True), 0.0) * r
+    s = _fp16((hi - lo) / 15.0)
+    s = jnp.where(s == 0, 1.0, s)
+    z = jnp.clip(jnp.round(-lo / s), 0, 15)
+    q = jnp.clip(jnp.round(w / s) + z, 0, 15)
+    return q * s - _fp16(z * s)
+
+
+def w4_group(w: jax.Array, group_size: int) -> jax.Array:
+    """w [N, K] -> its progressive-group W4 values (group_size already resolved for K)."""
+    w = w.astype(jnp.float32)
+    n, k = w.shape
+    p = float(PROTECTIVE_RANGE)
+    s1 = _fp16(jnp.abs(w).max(axis=1, keepdims=True) / p)
+    s1 = jnp.where(s1 == 0, 1.0, s1)
+    w1 = jnp.clip(w / s1, -p, p).reshape(n, k // group_size, group_size)
+    lo = jnp.clip(jnp.minimum(w1.min(axis=2, keepdims=True), 0.0), -p, 0.0)
+    hi = jnp.clip(jnp.maximum(w1.max(axis=2, keepdims=True), 0.0), 0.0, p)
+    s2 = jnp.clip(jnp.round((hi - lo) / 15.0), 1, 127)
+    z = jnp.clip(jnp.round(-lo / s2), 0, 15)
+    q = jnp.clip(jnp.round(w1 / s2) + z, 0, 15)
+    return ((q - z) * s2).reshape(n, k) * s1
+
+
+def w4(w: jax.Array, fmt: WeightFormat) -> jax.Array:
+    """w [N, K] in the W4 format `fmt` (resolved for K: see WeightFormat.for_input_size)."""
+    fmt = fmt.for_input_size(w.shape[1])
+    return w4_group(w, fmt.group_size) if fmt.is_group else w4_per_channel(w)
+
+
+def int8_per_token(x: jax.Array) -> jax.Array:
+    """x [..., K] -> its per-token INT8 values (symmetric, amax / 127 scale in fp16)."""
+    x = x.astype(jnp.float32)
+    amax = jnp.abs(x).max(axis=-1, keepdims=True)
+    inv = jnp.where(amax > 0, 127.0 / amax, 0.0)
+    q = jnp.clip(jnp.round(x * inv), -127, 127)
+    return q * _fp16(amax / 127.0)
+
+
+def kv4(x: jax.Array) -> jax.Array:
+    """x [..., D] (one token and head per row) -> its KV4 values."""
+    return dequantize_kv4(*quantize_kv4(x))
