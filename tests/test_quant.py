@@ -90,6 +90,34 @@ def test_searched_transforms_preserve_the_function(tmp_path, name):
     assert np.abs(got - base).max() < 2e-5 * np.abs(base).max()
 
 
+def test_smoothing_rescales_the_measured_statistics(tmp_path):
+    """The pipeline runs a layer once: after v->o and up->down smoothing, o_proj's and
+    down_proj's input maxima and Hessians are the measured ones divided by lambda. Running the
+    smoothed layer again must measure the same."""
+    from qoq_jax.quant import transforms
+    from qoq_jax.quant.calibration import run_layer
+    from qoq_jax.quant.pipeline import layer_weight_names
+
+    d = make_tiny_quant_checkpoint(tmp_path / "m", "mistral", seed=3)
+    cfg = ModelConfig.from_json(d)
+    weights = dict(SafetensorsCheckpoint(d))
+    w = {n: np.asarray(weights[f"model.layers.1.{n}"], np.float64) for n in layer_weight_names(cfg)}
+    x = np.random.default_rng(0).standard_normal((3, 16, cfg.hidden_size)).astype(np.float32)
+    y, st = run_layer(w, cfg, x, hessians=True)
+    w2, lam_o = transforms.smooth_out(w, cfg, st.o_absmax, 0.4, 0.6)
+    w2, lam_d = transforms.smooth_down(w2, st.down_absmax, 0.3, 0.7)
+    y2, st2 = run_layer(w2, cfg, x, hessians=True)
+    np.testing.assert_allclose(y2, y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(st2.o_absmax, st.o_absmax / lam_o, rtol=1e-4)
+    np.testing.assert_allclose(st2.down_absmax, st.down_absmax / lam_d, rtol=1e-4)
+    for name, lam in (("o", lam_o), ("down", lam_d)):
+        h = st.hessians[name] / np.outer(lam, lam)
+        np.testing.assert_allclose(st2.hessians[name], h, rtol=1e-3, atol=1e-3 * np.abs(h).max())
+    for name in ("qkv", "gate_up"):
+        h = st.hessians[name]
+        np.testing.assert_allclose(st2.hessians[name], h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
+
+
 def _correlated(n_tokens, k, seed):
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((k, k)) / np.sqrt(k)

@@ -3,12 +3,17 @@
 ``quantize_weights`` walks the model one decoder layer at a time. For each layer it
 1. reads the layer's float weights (float64 for the transforms) and, with rotation on, folds
    the RMSNorm weights and applies the Hadamard rotation;
-2. runs the layer on the calibration inputs to collect activation maxima, and applies
-   SmoothAttention and the output smoothing (v->o, up->down);
-3. runs the smoothed layer again for the input Hessians, reorders channels (g128), and
-   quantizes every projection (clipping search for per-channel; progressive groups for g128);
-4. passes the smoothed float layer's outputs on as the next layer's calibration inputs (the
-   reference code calibrates each block on the transformed, not yet quantized, network).
+2. runs the layer once on the calibration inputs (``calibration.run_layer``): activation
+   maxima, input Hessians, and the first ``search_tokens`` tokens' activations;
+3. applies SmoothAttention and the output smoothing (v->o, up->down), with strengths searched
+   per layer on those activations (``search.py``) or fixed; smoothing divides o_proj's and
+   down_proj's inputs by lambda per channel, so their maxima and Hessians are rescaled rather
+   than measured again;
+4. reorders channels (groups) and quantizes every projection: clipping (per-channel: q/k_proj
+   by the attention-output search, the others per row), then GPTQ or round-to-nearest;
+5. passes the layer's float outputs on as the next layer's calibration inputs (the reference
+   code calibrates each block on the transformed, not yet quantized, network; the transforms
+   preserve the function, so the outputs are the transformed layer's).
 Only one layer's weights and activations are held at a time. The result is a flat mapping of
 Hugging Face-style names to arrays: float tensors (embeddings, norms, lm_head, biases) and, per
 projection, the packed format fields (``...q_proj.qweight``, ``.s1``, ``.s2``, ``.szero`` or
@@ -126,8 +131,11 @@ class _Layer:
     choices: dict[str, Any]
 
 
-def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict) -> dict:
-    """SmoothAttention, then v->o and up->down smoothing, each searched or fixed."""
+def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
+    """SmoothAttention, then v->o and up->down smoothing, each searched or fixed. Returns the
+    weights and the lambdas that now divide o_proj's and down_proj's inputs (ones if off)."""
+    lam_o = np.ones(cfg.num_heads * cfg.head_dim)
+    lam_d = np.ones(cfg.intermediate_size)
     fmt = qcfg.weight_format
     steps = qcfg.search_grid
     cap = stats.captured
@@ -149,7 +157,7 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict) 
                 lambda a, b: transforms.out_lambda(w, cfg, stats.o_absmax, a, b),
                 fmt, steps)
             choices["smooth_out"] = ab
-        w = transforms.smooth_out(w, cfg, stats.o_absmax, *ab)
+        w, lam_o = transforms.smooth_out(w, cfg, stats.o_absmax, *ab)
     if qcfg.smooth_down:
         ab = fixed
         if qcfg.search_smoothing:
@@ -159,8 +167,8 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict) 
                 lambda a, b: transforms.down_lambda(w, stats.down_absmax, a, b),
                 fmt, steps)
             choices["smooth_down"] = ab
-        w = transforms.smooth_down(w, stats.down_absmax, *ab)
-    return w
+        w, lam_d = transforms.smooth_down(w, stats.down_absmax, *ab)
+    return w, lam_o, lam_d
 
 
 def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed,
@@ -178,14 +186,21 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
             w = transforms.rotate_layer(w, rot)
         hessians, qkv_input, choices = None, None, {}
         if x is not None:
-            _, stats = run_layer(w, cfg, x, capture=capture)
-            w = _smooth(w, cfg, qcfg, stats, choices)
+            x_next, stats = run_layer(w, cfg, x, hessians=want_hessians, capture=capture)
+            w, lam_o, lam_d = _smooth(w, cfg, qcfg, stats, choices)
             qkv_input = None if stats.captured is None else stats.captured["h"]
-            x_next, stats = run_layer(w, cfg, x, hessians=want_hessians)
+            # The smoothed layer computes the same function (its output is x_next) and its
+            # o_proj / down_proj inputs are the ones measured, divided by lambda per channel:
+            # their maxima and Hessians follow without running the layer a second time. The
+            # q/k/v and gate/up inputs (RMSNorm outputs) do not change at all.
+            o_absmax, down_absmax = stats.o_absmax / lam_o, stats.down_absmax / lam_d
             hessians = stats.hessians
+            if hessians is not None:
+                hessians["o"] = hessians["o"] / np.outer(lam_o, lam_o)
+                hessians["down"] = hessians["down"] / np.outer(lam_d, lam_d)
             if qcfg.reorder:
-                w, perm = transforms.reorder_down(w, stats.down_absmax)
-                w, perms = transforms.reorder_out(w, cfg, stats.o_absmax)
+                w, perm = transforms.reorder_down(w, down_absmax)
+                w, perms = transforms.reorder_out(w, cfg, o_absmax)
                 if hessians is not None:  # the same permutations, applied to the Hessians
                     hessians["down"] = hessians["down"][perm][:, perm]
                     o_idx = (np.arange(cfg.num_heads)[:, None] * cfg.head_dim

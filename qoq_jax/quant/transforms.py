@@ -103,15 +103,16 @@ def out_lambda(w: dict, cfg: ModelConfig, o_absmax: np.ndarray, alpha: float,
 
 
 def smooth_out(w: dict, cfg: ModelConfig, o_absmax: np.ndarray, alpha: float,
-               beta: float) -> dict:
-    """Move lambda (out_lambda) from o_proj's input channels into v_proj's rows."""
+               beta: float) -> tuple[dict, np.ndarray]:
+    """Move lambda (out_lambda) from o_proj's input channels into v_proj's rows. Returns the
+    new weights and lambda (o_proj's inputs are now divided by it)."""
     hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
     lam = out_lambda(w, cfg, o_absmax, alpha, beta)
     lam_v = lam.reshape(hkv, g, hd)[:, 0, :]  # [Hkv, D]
     w = dict(w)
     _scale_rows(w, "self_attn.v_proj", 1.0 / lam_v.reshape(-1))
     w["self_attn.o_proj.weight"] = w["self_attn.o_proj.weight"] * lam[None, :]
-    return w
+    return w, lam
 
 
 def down_lambda(w: dict, down_absmax: np.ndarray, alpha: float, beta: float) -> np.ndarray:
@@ -119,13 +120,15 @@ def down_lambda(w: dict, down_absmax: np.ndarray, alpha: float, beta: float) -> 
     return smooth_lambda(down_absmax, np.abs(w["mlp.down_proj.weight"]).max(axis=0), alpha, beta)
 
 
-def smooth_down(w: dict, down_absmax: np.ndarray, alpha: float, beta: float) -> dict:
-    """Move lambda from down_proj's input channels into up_proj's rows (SwiGLU is linear in up)."""
+def smooth_down(w: dict, down_absmax: np.ndarray, alpha: float,
+                beta: float) -> tuple[dict, np.ndarray]:
+    """Move lambda from down_proj's input channels into up_proj's rows (SwiGLU is linear in up).
+    Returns the new weights and lambda (down_proj's inputs are now divided by it)."""
     lam = down_lambda(w, down_absmax, alpha, beta)
     w = dict(w)
     _scale_rows(w, "mlp.up_proj", 1.0 / lam)
     w["mlp.down_proj.weight"] = w["mlp.down_proj.weight"] * lam[None, :]
-    return w
+    return w, lam
 
 
 def reorder_down(w: dict, down_absmax: np.ndarray) -> tuple[dict, np.ndarray]:
