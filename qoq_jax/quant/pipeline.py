@@ -147,27 +147,28 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
         else:
             alpha, beta = qcfg.smooth_attention_alpha, 0.0
         w = transforms.smooth_attention(w, cfg, stats.k_absmax, alpha, stats.q_absmax, beta)
-    fixed = (qcfg.smooth_alpha, qcfg.smooth_beta)
-    if qcfg.smooth_out:
-        ab = fixed
-        if qcfg.search_smoothing:
-            wo = w["self_attn.o_proj.weight"]
-            ab = search.search_output_smoothing(
-                cap["o_in"], wo,
-                lambda a, b: transforms.out_lambda(w, cfg, stats.o_absmax, a, b),
-                fmt, steps)
-            choices["smooth_out"] = ab
-        w, lam_o = transforms.smooth_out(w, cfg, stats.o_absmax, *ab)
-    if qcfg.smooth_down:
-        ab = fixed
-        if qcfg.search_smoothing:
-            wd = w["mlp.down_proj.weight"]
-            ab = search.search_output_smoothing(
-                cap["down_in"], wd,
-                lambda a, b: transforms.down_lambda(w, stats.down_absmax, a, b),
-                fmt, steps)
-            choices["smooth_down"] = ab
-        w, lam_d = transforms.smooth_down(w, stats.down_absmax, *ab)
+    # (step, searched choice's name, consumer, its input, lambda of (alpha, beta), transform)
+    outputs = (
+        (qcfg.smooth_out, "smooth_out", "self_attn.o_proj", "o_in",
+         lambda w, a, b: transforms.out_lambda(w, cfg, stats.o_absmax, a, b),
+         lambda w, a, b: transforms.smooth_out(w, cfg, stats.o_absmax, a, b)),
+        (qcfg.smooth_down, "smooth_down", "mlp.down_proj", "down_in",
+         lambda w, a, b: transforms.down_lambda(w, stats.down_absmax, a, b),
+         lambda w, a, b: transforms.smooth_down(w, stats.down_absmax, a, b)))
+    lams = []
+    for on, name, consumer, inputs, lambda_of, apply in outputs:
+        lam = None
+        if on:
+            ab = (qcfg.smooth_alpha, qcfg.smooth_beta)
+            if qcfg.search_smoothing:
+                ab = search.search_output_smoothing(
+                    cap[inputs], w[consumer + ".weight"],
+                    lambda a, b, w=w, lambda_of=lambda_of: lambda_of(w, a, b), fmt, steps)
+                choices[name] = ab
+            w, lam = apply(w, *ab)
+        lams.append(lam)
+    lam_o = lam_o if lams[0] is None else lams[0]
+    lam_d = lam_d if lams[1] is None else lams[1]
     return w, lam_o, lam_d
 
 
