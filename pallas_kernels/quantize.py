@@ -58,8 +58,10 @@ def _prologue_xla(mode: str, a: jax.Array, b: jax.Array | None, eps: float) -> j
     raise ValueError(mode)
 
 
-def _quantize_rows_xla(v: jax.Array, with_sum: bool) -> QuantizedActivation:
+def _quantize_rows_xla(v: jax.Array, with_sum: bool, axis_name=None) -> QuantizedActivation:
     amax = jnp.max(jnp.abs(v), axis=-1)
+    if axis_name is not None:  # the row is split over a mesh axis: its amax is every shard's
+        amax = lax.pmax(amax, axis_name)
     inv = jnp.where(amax > 0, 127.0 / amax, 0.0)
     q = jnp.clip(round_half_even(v * inv[:, None]), -127, 127).astype(jnp.int8)
     scale = (amax / 127.0).astype(jnp.float16)
@@ -190,3 +192,24 @@ def silu_mul_quantize(gate: jax.Array, up: jax.Array, *, with_sum: bool = False,
         raise ValueError(f"gate {gate.shape} and up {up.shape} must have the same shape")
     return _run("silu_mul", gate, up, 0.0, with_sum, backend, interpret)
 
+
+def quantize_sharded_rows(x: jax.Array, axis_name, *, up: jax.Array | None = None,
+                          with_sum: bool = False) -> QuantizedActivation:
+    """Per-token INT8 of rows whose columns are split over the mesh axis `axis_name` (inside
+    shard_map): the input of a row-parallel (K-split) W4A8 GEMM under tensor parallelism.
+
+    The scale is the *whole* row's (the max of every shard's amax, one pmax of [M] floats), so
+    each shard's codes are exactly the codes quantize_per_token gives the unsplit row, and the
+    INT32 partial products add up to the unsplit GEMM's. row_sum is this shard's part only: the
+    per-channel GEMM's zero-point correction (szero[n] * row_sum[m]) is linear in it, so the
+    shards' epilogues add up to the unsplit one. Same formula as the XLA reference above.
+    With `up`, the rows are SiLU(x) * up (the down_proj input, as silu_mul_quantize fuses it).
+    """
+    lead = x.shape[:-1]
+    a = x.reshape(-1, x.shape[-1])
+    v = _prologue_xla("plain" if up is None else "silu_mul", a,
+                      None if up is None else up.reshape(a.shape), 0.0)
+    out = _quantize_rows_xla(v, with_sum, axis_name)
+    return QuantizedActivation(
+        out.values.reshape(*lead, -1), out.scale.reshape(lead),
+        None if out.row_sum is None else out.row_sum.reshape(lead))

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels.paged_attention import default_splits
+from qoq_jax import sharding
 from qoq_jax.kv_cache import KV_CACHE_KINDS, SCRATCH_PAGE, PageAllocator, cache_class, make_cache
 from qoq_jax.model import Transformer, decode_step, forward
 from qoq_jax.sampling import SamplingParams, sample
@@ -211,16 +212,16 @@ def _pick(logits, temperature, top_k, top_p, seed, index, forced, stop_ids, num_
     return tok, finish.astype(jnp.int32), chosen, top_id, top_lp
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_top"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_top", "mesh"),
                    donate_argnames=("cache", "state"))
 def _prefill(graphdef, params, cache, state: SlotState, page_table, tokens, start, lengths,
-             table_rows, insert_slots, rows: RowParams, forced_first, n_top: int):
+             table_rows, insert_slots, rows: RowParams, forced_first, n_top: int, mesh=None):
     """Prefill a batch of chunks; rows whose chunk ends their prompt get their first token and
     are inserted into state at insert_slots (other rows carry an out-of-range slot: dropped)."""
     model = nnx.merge(graphdef, params)
     table = jnp.where(table_rows[:, None] >= 0, page_table[jnp.maximum(table_rows, 0)],
                       SCRATCH_PAGE)
-    logits, cache = forward(model, tokens, start, lengths, cache, table)
+    logits, cache = forward(model, tokens, start, lengths, cache, table, mesh=mesh)
     one = jnp.ones_like(lengths)
     tok, finish, chosen, top_id, top_lp = _pick(
         logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, 0 * one, forced_first,
@@ -237,10 +238,10 @@ def _prefill(graphdef, params, cache, state: SlotState, page_table, tokens, star
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows", "steps", "all_greedy",
-                                             "splits", "n_top"),
+                                             "splits", "n_top", "mesh"),
                    donate_argnames=("cache", "state"))
 def _decode(graphdef, params, cache, state: SlotState, page_table, forced, rows: int, steps: int,
-            all_greedy: bool, splits: int, n_top: int):
+            all_greedy: bool, splits: int, n_top: int, mesh=None):
     """Up to `steps` decode steps over slots [0, rows); forced [rows, steps] (-1: sample)."""
     model = nnx.merge(graphdef, params)
     full = state
@@ -259,7 +260,7 @@ def _decode(graphdef, params, cache, state: SlotState, page_table, forced, rows:
         step, cache, st, out_tok, out_lp, (out_id, out_tlp) = carry
         active = ~st.done
         logits, cache = decode_step(model, st.last_token, st.position, active, cache, table,
-                                    splits=splits)
+                                    splits=splits, mesh=mesh)
         num_generated = st.num_generated + active
         tok, finish, chosen, top_id, top_lp = _pick(
             logits, st.temperature, st.top_k, st.top_p, st.seed, st.num_generated,
@@ -286,11 +287,12 @@ def _retire(state: SlotState, mask) -> SlotState:
     return dataclasses.replace(state, done=state.done | mask)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _score(graphdef, params, cache, page_table, tokens, start, lengths, targets):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
+def _score(graphdef, params, cache, page_table, tokens, start, lengths, targets, mesh=None):
     """Log-probability of targets [B, C] (-1: none) after each token of a chunk [B, C]."""
     model = nnx.merge(graphdef, params)
-    logits, cache = forward(model, tokens, start, lengths, cache, page_table, all_logits=True)
+    logits, cache = forward(model, tokens, start, lengths, cache, page_table, all_logits=True,
+                            mesh=mesh)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(targets >= 0, picked, 0.0), cache
@@ -320,12 +322,12 @@ class _Pending:
     steps: int = 0
 
 
-def _put(x):
-    """Host -> device, committed to the default device. Every input of the engine's programs
-    goes through here: jit's cache tells committed arrays (its own outputs) from uncommitted
-    ones and would compile each program twice; and jnp.asarray would compile a small program
-    for every new shape."""
-    return jax.device_put(x, jax.devices()[0])
+def _put(x, where=None):
+    """Host -> device, committed to the default device (or replicated over the engine's mesh:
+    `where`). Every input of the engine's programs goes through here: jit's cache tells
+    committed arrays (its own outputs) from uncommitted ones and would compile each program
+    twice; and jnp.asarray would compile a small program for every new shape."""
+    return jax.device_put(x, jax.devices()[0] if where is None else where)
 
 
 def _default(value, cpu, gpu):
@@ -353,13 +355,21 @@ class Engine:
     drives it: ``generate``, ``stream``, ``run``) from one thread at a time.
     """
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None, **overrides):
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, *, mesh=None,
+                 **overrides):
         cfg = dataclasses.replace(config or EngineConfig(), **overrides)
         self.engine_config = cfg
         self.model_config = self.config = model.config
         self.dtype = model.dtype
+        # tensor parallelism (qoq_jax.sharding): weights and KV pools split over the mesh's
+        # "tp" axis, everything else replicated; the scheduler and host state are unchanged
+        self.tensor_parallel = sharding.tp_size(mesh)
+        sharding.check_tensor_parallel(model, self.tensor_parallel)
+        self.mesh = mesh if self.tensor_parallel > 1 else None
+        self._where = None if self.mesh is None else sharding.replicated(self.mesh)
         self.graphdef, params = nnx.split(model)
-        self.params = _put(params)
+        self.params = (self._put(params) if self.mesh is None
+                       else sharding.shard_state(params, self.mesh))
         self.kv_cache = cfg.kv_cache
         self.page_size = cfg.page_size
         m = model.config
@@ -372,8 +382,9 @@ class Engine:
         self.max_stop_ids = cfg.max_stop_ids
         self.max_queue = cfg.max_queue
         self.max_pages_per_seq = -(-m.max_position_embeddings // self.page_size)
+        # per device: each holds num_kv_heads / tensor_parallel heads of every page
         per_token = cache_class(self.kv_cache).bytes_per_token(
-            m.num_layers, m.num_kv_heads, m.head_dim, self.dtype)
+            m.num_layers, m.num_kv_heads // self.tensor_parallel, m.head_dim, self.dtype)
         page_bytes = per_token * self.page_size
         useful = 1 + self.max_slots * self.max_pages_per_seq  # more pages could never be used
         free = available_memory()
@@ -391,7 +402,8 @@ class Engine:
                 f"{self.kv_bytes / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is free; "
                 f"about {fits} pages ({fits * self.page_size} tokens) would fit: lower "
                 f"num_pages / kv_memory")
-        self.splits = default_splits(self.max_pages_per_seq, self.max_slots, m.num_kv_heads)
+        self.splits = default_splits(self.max_pages_per_seq, self.max_slots,
+                                     m.num_kv_heads // self.tensor_parallel)
         self.allocator = PageAllocator(num_pages, self.page_size)
         self.scheduler = self._new_scheduler()
         self._cache = None  # allocated at first use (a notebook may load and never generate)
@@ -410,6 +422,9 @@ class Engine:
         self._stepping = threading.Lock()
         self.stats = collections.Counter()
         self.last_stats: dict[str, float] = {}
+
+    def _put(self, x):
+        return _put(x, self._where)
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.allocator, max_slots=self.max_slots,
@@ -514,10 +529,14 @@ class Engine:
         if self._cache is None:
             m = self.model_config
             # Committed to the device, like every input of the engine's programs (see _put)
-            self._cache = _put(make_cache(self.kv_cache, m.num_layers, self.num_pages,
-                                          self.page_size, m.num_kv_heads, m.head_dim,
-                                          self.dtype))
-            self._state = _put(SlotState.idle(self._rows, self.max_stop_ids))
+            make = functools.partial(make_cache, self.kv_cache, m.num_layers, self.num_pages,
+                                     self.page_size, m.num_kv_heads, m.head_dim, self.dtype)
+            if self.mesh is None:
+                self._cache = self._put(make())
+            else:  # created in place, each device its KV heads
+                self._cache = jax.jit(make, out_shardings=sharding.cache_sharding(
+                    self.mesh, jax.eval_shape(make)))()
+            self._state = self._put(SlotState.idle(self._rows, self.max_stop_ids))
 
     def step(self) -> None:
         """Admit, prefill, decode one chunk, and read back the previous one."""
@@ -576,9 +595,9 @@ class Engine:
             table[seq.slot, :len(pages)] = pages
         if self._table_dev is None or not np.array_equal(table, self._table):
             self._table = table
-            self._table_dev = _put(table)
+            self._table_dev = self._put(table)
         if self._retire_mask.any():
-            self._state = _retire(self._state, _put(self._retire_mask))
+            self._state = _retire(self._state, self._put(self._retire_mask))
             self._retire_mask[:] = False
 
     def _dispatch_prefill(self, chunks: list[Chunk]) -> None:
@@ -613,12 +632,13 @@ class Engine:
             self.scheduler.on_prefilled(c)
             self.stats["prompt_tokens"] += c.length
         self.stats["prefill_batches"] += 1
-        params = RowParams(_put(max_new), _put(temp), _put(top_k),
-                           _put(top_p), _put(seed), _put(stops))
+        params = RowParams(self._put(max_new), self._put(temp), self._put(top_k),
+                           self._put(top_p), self._put(seed), self._put(stops))
         outputs, self._state, self._cache = _prefill(
             self.graphdef, self.params, self._cache, self._state, self._table_dev,
-            _put(tokens), _put(start), _put(lengths), _put(table_rows),
-            _put(insert), params, _put(forced), n_top=self.max_logprobs)
+            self._put(tokens), self._put(start), self._put(lengths), self._put(table_rows),
+            self._put(insert), params, self._put(forced), n_top=self.max_logprobs,
+            mesh=self.mesh)
         if rows:
             self._pending.append(_Pending("prefill", rows, outputs))
 
@@ -639,8 +659,8 @@ class Engine:
         all_greedy = all(s.params.greedy for s in self.scheduler.running if s.slot < rows)
         outputs, self._state, self._cache = _decode(
             self.graphdef, self.params, self._cache, self._state, self._table_dev,
-            _put(forced), rows=rows, steps=steps, all_greedy=all_greedy,
-            splits=self.splits, n_top=self.max_logprobs)
+            self._put(forced), rows=rows, steps=steps, all_greedy=all_greedy,
+            splits=self.splits, n_top=self.max_logprobs, mesh=self.mesh)
         self.scheduler.on_dispatched(seqs, steps)
         self.stats["decode_chunks"] += 1
         self._pending.append(_Pending("decode", [(s.slot, s, s.incarnation) for s in seqs],
@@ -847,23 +867,23 @@ class Engine:
         w = self.max_stop_ids
         for bp, cb in self.prefill_shapes():
             zi = np.zeros((bp,), np.int32)
-            rows = RowParams(_put(np.ones((bp,), np.int32)), _put(np.zeros((bp,), np.float32)),
-                             _put(zi), _put(np.ones((bp,), np.float32)),
-                             _put(np.zeros((bp,), np.uint32)),
-                             _put(np.full((bp, w), -1, np.int32)))
+            put = self._put
+            rows = RowParams(put(np.ones((bp,), np.int32)), put(np.zeros((bp,), np.float32)),
+                             put(zi), put(np.ones((bp,), np.float32)),
+                             put(np.zeros((bp,), np.uint32)), put(np.full((bp, w), -1, np.int32)))
             _, self._state, self._cache = _prefill(
                 self.graphdef, self.params, self._cache, self._state, self._table_dev,
-                _put(np.zeros((bp, cb), np.int32)), _put(zi), _put(zi),
-                _put(np.full((bp,), -1, np.int32)), _put(np.full((bp,), self._rows, np.int32)),
-                rows, _put(np.full((bp,), -1, np.int32)), n_top=self.max_logprobs)
+                put(np.zeros((bp, cb), np.int32)), put(zi), put(zi),
+                put(np.full((bp,), -1, np.int32)), put(np.full((bp,), self._rows, np.int32)),
+                rows, put(np.full((bp,), -1, np.int32)), n_top=self.max_logprobs, mesh=self.mesh)
         for rows in self.decode_shapes():
             for greedy in (True, False):
                 _, self._state, self._cache = _decode(
                     self.graphdef, self.params, self._cache, self._state, self._table_dev,
-                    _put(np.full((rows, self.decode_steps), -1, np.int32)), rows=rows,
+                    self._put(np.full((rows, self.decode_steps), -1, np.int32)), rows=rows,
                     steps=self.decode_steps, all_greedy=greedy, splits=self.splits,
-                    n_top=self.max_logprobs)
-        self._state = _retire(self._state, _put(np.zeros((self._rows,), bool)))
+                    n_top=self.max_logprobs, mesh=self.mesh)
+        self._state = _retire(self._state, self._put(np.zeros((self._rows,), bool)))
         jax.block_until_ready(self._cache)
         return COMPILES.count - before
 
@@ -902,7 +922,7 @@ class Engine:
                 for i, owner in enumerate(owners):
                     pages = self.allocator.ensure(owner, t)
                     table[i, :len(pages)] = pages
-                table_dev = _put(table)
+                table_dev = self._put(table)
                 for c0 in range(0, t, self.prefill_chunk):
                     c = min(self.prefill_chunk, t - c0)
                     cb = chunk_bucket(c, self.prefill_chunk)
@@ -914,8 +934,10 @@ class Engine:
                     lengths = np.zeros((bp,), np.int32)
                     lengths[:b] = c
                     lp, self._cache = _score(self.graphdef, self.params, self._cache, table_dev,
-                                             _put(tokens), _put(np.full((bp,), c0, np.int32)),
-                                             _put(lengths), _put(targets))
+                                             self._put(tokens),
+                                             self._put(np.full((bp,), c0, np.int32)),
+                                             self._put(lengths), self._put(targets),
+                                             mesh=self.mesh)
                     out[lo:lo + b, c0:c0 + nxt.shape[1]] = np.asarray(lp)[:b, :nxt.shape[1]]
             finally:
                 for owner in owners:

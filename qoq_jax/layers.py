@@ -48,11 +48,18 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.finish(self.product(x))
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """x Wᵀ in float32, no bias: a row-parallel shard's partial sum (see finish)."""
         w = self.weight[...]
-        y = rowwise_matmul(x.astype(w.dtype), w)
+        return rowwise_matmul(x.astype(w.dtype), w)
+
+    def finish(self, y: jax.Array) -> jax.Array:
+        """float32 product (summed over shards, for a row-parallel layer) -> + bias, cast."""
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(w.dtype)
+        return y.astype(self.weight.dtype)
 
 
 class QuantParam(nnx.Variable):
@@ -101,16 +108,26 @@ class W4A8Linear(nnx.Module):
                        self.weight_format.group_size)
 
     def __call__(self, x) -> jax.Array:
+        return self.finish(self.product(x))
+
+    def product(self, x) -> jax.Array:
+        """The GEMM and its epilogue in float32, no bias. Sizes come from the packed arrays, not
+        from in_/out_features, so that a tensor-parallel shard (a slice of N, or of K on group
+        boundaries) runs through the same code."""
         act = x if isinstance(x, QuantizedActivation) else quantize_per_token(
             x, with_sum=self.needs_row_sum)
         lead = act.values.shape[:-1]
+        k = self.qweight.shape[-1] * 2
         flat = QuantizedActivation(
-            act.values.reshape(-1, self.in_features), act.scale.reshape(-1),
+            act.values.reshape(-1, k), act.scale.reshape(-1),
             None if act.row_sum is None else act.row_sum.reshape(-1))
         y = w4a8_matmul(flat, self.packed_weight(), jnp.float32, backend=self.gemm_backend)
+        return y.reshape(*lead, y.shape[-1])
+
+    def finish(self, y: jax.Array) -> jax.Array:
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype).reshape(*lead, self.out_features)
+        return y.astype(self.dtype)
 
 
 def norm_input(norm: "RMSNorm", x: jax.Array, consumer: nnx.Module):

@@ -31,8 +31,9 @@ from flax import nnx
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.hf import CheckpointError
 from qoq_jax.kv_cache import slot_indices
-from qoq_jax.layers import (Embedding, LinearFactory, QuantParam, RMSNorm, apply_rope,
-                            make_linear, norm_input, rope_cos_sin, swiglu_input)
+from pallas_kernels.quantize import QuantizedActivation, quantize_sharded_rows
+from qoq_jax.layers import (Embedding, LinearFactory, QuantParam, RMSNorm, W4A8Linear,
+                            apply_rope, make_linear, norm_input, rope_cos_sin, swiglu_input)
 
 
 class Attention(nnx.Module):
@@ -82,23 +83,48 @@ class Transformer(nnx.Module):
 
 
 def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, layer_idx,
-                   page, slot, attend):
+                   page, slot, attend, axis=None):
     """One decoder layer: write this step's K/V into the cache, then attend over the cache
-    (`attend(q_rot, cache, layer_idx)`), then the MLP."""
+    (`attend(q_rot, cache, layer_idx)`), then the MLP.
+
+    axis: None, or the mesh axis this runs sharded over (inside shard_map, tensor parallel):
+    the layer then holds its shard of the heads and MLP channels (head counts come from the
+    arrays' shapes), and o_proj / down_proj sum their partial products over `axis`."""
     b, t, _ = x.shape
     attn = layer.self_attn
     h = norm_input(layer.input_layernorm, x, attn.q_proj)  # float, or INT8 for W4A8 layers
-    q = attn.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = attn.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = attn.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q = attn.q_proj(h).reshape(b, t, -1, cfg.head_dim)
+    k = attn.k_proj(h).reshape(b, t, -1, cfg.head_dim)
+    v = attn.v_proj(h).reshape(b, t, -1, cfg.head_dim)
     cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
-    o = attend(apply_rope(q, cos, sin), cache, layer_idx)
-    x = x + attn.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim))
-    x = x + layer.mlp(norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj))
+    o = attend(apply_rope(q, cos, sin), cache, layer_idx).reshape(b, t, -1)
+    x = x + (attn.o_proj(o) if axis is None else _row_parallel(attn.o_proj, o, axis))
+    x = x + _mlp(layer.mlp, norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj),
+                 axis)
     return x, cache
 
 
-def _run_layers(model: Transformer, x, positions, valid, cache, page_table, attend):
+def _row_parallel(linear, x, axis):
+    """A row-parallel projection inside shard_map: x holds this device's slice of K. A W4A8
+    layer's float input is quantized with the whole row's scale (quantize_sharded_rows); the
+    partial products (float32, before the bias) are summed with one psum, then the bias."""
+    if isinstance(linear, W4A8Linear) and not isinstance(x, QuantizedActivation):
+        x = quantize_sharded_rows(x, axis, with_sum=linear.needs_row_sum)
+    return linear.finish(jax.lax.psum(linear.product(x), axis))
+
+
+def _mlp(mlp: MLP, h, axis):
+    if axis is None:
+        return mlp(h)
+    gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+    if isinstance(mlp.down_proj, W4A8Linear):
+        act = quantize_sharded_rows(gate, axis, up=up, with_sum=mlp.down_proj.needs_row_sum)
+    else:
+        act = jax.nn.silu(gate) * up
+    return _row_parallel(mlp.down_proj, act, axis)
+
+
+def _run_layers(model: Transformer, x, positions, valid, cache, page_table, attend, axis=None):
     cfg = model.config
     cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
     page, slot = slot_indices(page_table, positions, valid, cache.page_size)
@@ -108,14 +134,15 @@ def _run_layers(model: Transformer, x, positions, valid, cache, page_table, atte
         x, cache = carry
         layer_state, layer_idx = xs
         layer = nnx.merge(graphdef, layer_state)
-        return _layer_forward(layer, cfg, x, cos, sin, cache, layer_idx, page, slot, attend), None
+        return _layer_forward(layer, cfg, x, cos, sin, cache, layer_idx, page, slot, attend,
+                              axis), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(cfg.num_layers)))
     return x, cache
 
 
 def forward(model: Transformer, tokens: jax.Array, start: jax.Array, lengths: jax.Array, cache,
-            page_table: jax.Array, *, splits: int = 1, all_logits: bool = False):
+            page_table: jax.Array, *, splits: int = 1, all_logits: bool = False, mesh=None):
     """The one forward pass: a chunk of tokens [B, Q] per sequence, at positions start[b] + i.
 
     The first lengths[b] tokens of a row are real (the rest pad the chunk and write to the
@@ -124,7 +151,54 @@ def forward(model: Transformer, tokens: jax.Array, start: jax.Array, lengths: ja
     or steps wrote, and this chunk's. A decode step is Q = 1 (lengths 0 for idle rows); a
     prompt is one or more chunks. Returns (logits, cache): logits [B, V] at each row's last real
     token, or [B, Q, V] with all_logits. `splits` splits long decode contexts on a GPU.
+
+    mesh: a Mesh (or AbstractMesh) with a "tp" axis of size > 1 runs the pass tensor-parallel
+    (qoq_jax.sharding): per device under shard_map, the weights and the cache split by the
+    sharding rules, the rest replicated; the logits come back split over the vocabulary.
     """
+    from qoq_jax import sharding
+
+    if sharding.tp_size(mesh) > 1:
+        return _forward_sharded(model, tokens, start, lengths, cache, page_table, splits,
+                                all_logits, mesh)
+    return _forward_local(model, tokens, start, lengths, cache, page_table, splits, all_logits)
+
+
+def _forward_sharded(model, tokens, start, lengths, cache, page_table, splits, all_logits, mesh):
+    from jax.sharding import PartitionSpec as P
+
+    from qoq_jax import sharding
+
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    cache_specs = sharding.cache_specs(cache)
+
+    def local(leaves, tokens, start, lengths, cache, page_table):
+        shard = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        return _forward_local(shard, tokens, start, lengths, cache, page_table, splits,
+                              all_logits, axis=sharding.AXIS)
+
+    vocab = P(None, None, sharding.AXIS) if all_logits else P(None, sharding.AXIS)
+    # check_vma=False: the Pallas kernels have no replication rules
+    run = jax.shard_map(local, mesh=mesh, check_vma=False,
+                        in_specs=(sharding.state_specs(state), P(), P(), P(), cache_specs, P()),
+                        out_specs=(vocab, cache_specs))
+    return run(leaves, tokens, start, lengths, cache, page_table)
+
+
+def _embed(model: Transformer, tokens, axis):
+    if axis is None:
+        return model.embed_tokens(tokens)
+    # vocabulary-parallel lookup: rows this shard holds, zeros elsewhere, summed (exact)
+    w = model.embed_tokens.weight[...]
+    local = tokens - jax.lax.axis_index(axis) * w.shape[0]
+    inside = (local >= 0) & (local < w.shape[0])
+    x = jnp.take(w, jnp.where(inside, local, 0), axis=0)
+    return jax.lax.psum(jnp.where(inside[..., None], x, jnp.zeros_like(x)), axis)
+
+
+def _forward_local(model, tokens, start, lengths, cache, page_table, splits, all_logits,
+                   axis=None):
     b, t = tokens.shape
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     valid = jnp.arange(t)[None, :] < lengths[:, None]
@@ -133,8 +207,8 @@ def forward(model: Transformer, tokens: jax.Array, start: jax.Array, lengths: ja
     def attend(q, cache, layer_idx):
         return cache.attention(q, layer_idx, page_table, start, kv_lens, splits)
 
-    x = model.embed_tokens(tokens)
-    h, cache = _run_layers(model, x, positions, valid, cache, page_table, attend)
+    x = _embed(model, tokens, axis)
+    h, cache = _run_layers(model, x, positions, valid, cache, page_table, attend, axis)
     if not all_logits:
         h = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
     return model.logits(h), cache
@@ -148,14 +222,14 @@ def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
 
 
 def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, active: jax.Array,
-                cache, page_table: jax.Array, *, splits: int = 1):
+                cache, page_table: jax.Array, *, splits: int = 1, mesh=None):
     """One new token per sequence: tokens, positions, active [B] -> (logits [B, V], cache).
 
     The token at `positions[b]` is written to the cache and attends over positions 0..pos.
     Inactive rows (idle slots, finished sequences) write to the scratch page only.
     """
     return forward(model, tokens[:, None], positions, active.astype(jnp.int32), cache,
-                   page_table, splits=splits)
+                   page_table, splits=splits, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------
