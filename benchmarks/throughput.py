@@ -40,13 +40,16 @@ TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=5
             tie_word_embeddings=False, eos_token_id=1)
 
 
-def _engine(hf, variant, batch, prompt, gen, dtype, smoke):
+def _engine(hf, variant, batch, prompt, gen, dtype, smoke, tensor_parallel=1):
     model = random_model(hf, dtype=dtype, w4a8_format="g128" if variant == "w4a8kv4" else None,
                          max_context=prompt + gen)
     tokens_each = prompt + gen
     page = 16
     pages = 1 + batch * -(-tokens_each // page)
-    return Engine(model, kv_cache="kv4" if variant == "w4a8kv4" else "16bit", page_size=page,
+    from qoq_jax.sharding import make_mesh
+
+    return Engine(model, mesh=make_mesh(tensor_parallel),
+                  kv_cache="kv4" if variant == "w4a8kv4" else "16bit", page_size=page,
                   max_slots=batch, num_pages=pages, prefill_chunk=512 if smoke else 1024,
                   prefill_budget=512 if smoke else 4096, decode_steps=16)
 
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU: a tiny model, tiny sizes")
     ap.add_argument("--batches", type=int, nargs="+")
+    ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                    help="split each model over N devices (qoq_jax.sharding)")
     args = ap.parse_args(argv)
     if args.smoke:
         hf, prompt, gen, batches, lat_batches, dtype = TINY, 64, 32, [2, 4], [1, 2], "float32"
@@ -109,14 +114,16 @@ def main(argv=None) -> int:
     rows, lat = [], []
     for variant in ("w4a8kv4", "bf16"):
         for b in batches:
-            engine = _engine(hf, variant, b, prompt, gen, dtype, args.smoke)
+            engine = _engine(hf, variant, b, prompt, gen, dtype, args.smoke,
+                             args.tensor_parallel)
             r = {"variant": variant, **throughput(engine, b, prompt, gen, hf["vocab_size"])}
             rows.append(r)
             print(f"{variant} batch {b}: {r['tokens_per_s']:.0f} tokens/s "
                   f"({r['generated']} tokens in {r['wall_s']:.1f} s)", flush=True)
             del engine
             gc.collect()
-        engine = _engine(hf, variant, max(lat_batches), prompt, gen, dtype, args.smoke)
+        engine = _engine(hf, variant, max(lat_batches), prompt, gen, dtype, args.smoke,
+                         args.tensor_parallel)
         for b in lat_batches:
             ms = step_latency(engine, b, prompt, hf["vocab_size"])
             lat.append({"variant": variant, "batch": b, "ms_per_step": ms,
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out:
         Path(out, "throughput.json").write_text(json.dumps(
-            {**header(), "prompt": prompt, "generated": gen, "rows": rows, "latency": lat},
+            {**header(), "tensor_parallel": args.tensor_parallel, "prompt": prompt, "generated": gen, "rows": rows, "latency": lat},
             indent=1))
     return 0
 

@@ -156,7 +156,7 @@ class LLM:
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
          verify_checkpoint: bool | None = None, gemm_backend: str = "auto",
-         **engine_kwargs) -> LLM:
+         tensor_parallel: int = 1, **engine_kwargs) -> LLM:
     """Load a model for generation.
 
     path: None (the embedded default model), a Hugging Face checkpoint directory, a .gguf file,
@@ -165,6 +165,10 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
     verify_checkpoint: check a quantized checkpoint's checksums (default: yes, unless
     QOQ_JAX_VERIFY_CHECKPOINTS=0). gemm_backend: the W4A8 GEMM of a quantized model ("auto":
     Mosaic GPU on Hopper, Triton on other GPUs, XLA on CPU; or "mosaic", "triton", "xla").
+    tensor_parallel: split the model over this many devices (qoq_jax.sharding: Megatron-style,
+    one all-reduce per attention block and per MLP); weights are read straight into their
+    shards. Across hosts, call jax.distributed.initialize() first (every process runs the
+    same program); the devices of all processes form the mesh.
     Engine keywords (kv_cache="16bit" | "kv4", page_size,
     max_slots, num_pages, kv_memory, ...: see EngineConfig) pass through.
     """
@@ -175,7 +179,12 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
 
     from pallas_kernels import resolve_gemm_backend
 
+    from qoq_jax import sharding
+
     resolve_gemm_backend(gemm_backend)  # a misspelled backend fails now, not after loading
+    mesh = sharding.make_mesh(tensor_parallel)  # None for 1: the single-device path
+    if mesh is not None:
+        engine_kwargs["mesh"] = mesh
     dtype = resolve_dtype(dtype)
     if path is not None:
         p = Path(path)
@@ -187,16 +196,17 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
             if quantize is not None:
                 raise ValueError(f"{p} is already quantized")
             model, qcfg = checkpoint.load_model(p, dtype, verify=verify_checkpoint,
-                                                gemm_backend=gemm_backend)
+                                                gemm_backend=gemm_backend, mesh=mesh)
             engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
             return LLM(model, load_tokenizer(p), source=str(p), **engine_kwargs)
     cfg, weights, tokenizer, source = load_source(None if path is None else str(path))
     if quantize is None:
         from qoq_jax.model import from_hf_weights
 
-        return LLM(from_hf_weights(cfg, weights, dtype), tokenizer, source=source,
+        return LLM(from_hf_weights(cfg, weights, dtype, mesh=mesh), tokenizer, source=source,
                    **engine_kwargs)
     qcfg = QuantConfig(method=quantize) if isinstance(quantize, str) else quantize
+    # quantized on one device (offline work), then sharded by the engine
     model, _ = run_quantize(cfg, weights, tokenizer, qcfg, dtype=dtype, gemm_backend=gemm_backend)
     engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
     return LLM(model, tokenizer, source=f"{source} ({qcfg.method} on the fly)", **engine_kwargs)

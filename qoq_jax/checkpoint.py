@@ -289,13 +289,16 @@ def _check_stored_layout(path: Path, target) -> None:
 
 
 def load_model(path: str | os.PathLike, dtype, *, verify: bool | None = None,
-               gemm_backend: str = "auto"):
+               gemm_backend: str = "auto", mesh=None):
     """(model, QuantConfig) from a quantized checkpoint directory.
 
     verify (default: on, unless the environment sets QOQ_JAX_VERIFY_CHECKPOINTS=0): check the
     state files against checksums.json and the restored float tensors for NaN/Inf. The stored
     shapes are always checked against config.json. Failures raise CheckpointError (a
-    ValueError) with one line that names the file or tensor."""
+    ValueError) with one line that names the file or tensor.
+
+    mesh (tensor parallel, see qoq_jax.sharding): Orbax restores every array straight into
+    its sharded layout (each device reads its block), never whole on one device."""
     import orbax.checkpoint as ocp
 
     from qoq_jax.model import Transformer
@@ -316,8 +319,19 @@ def load_model(path: str | os.PathLike, dtype, *, verify: bool | None = None,
         raise ConfigError(f"{config_file}: {e}") from None
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear_factory(qcfg, gemm_backend)))
     graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, _stored_dtype(a.dtype)),
-                          nnx.to_pure_dict(state))
+    if mesh is None:
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, _stored_dtype(a.dtype)),
+                              nnx.to_pure_dict(state))
+    else:
+        from qoq_jax import sharding
+
+        sharding.check_tensor_parallel(abstract, sharding.tp_size(mesh))
+
+        def sharded(kp, a):
+            axes = sharding.logical_axes(tuple(sharding._key_name(k) for k in kp), len(a.shape))
+            return jax.ShapeDtypeStruct(a.shape, _stored_dtype(a.dtype), sharding=(
+                jax.sharding.NamedSharding(mesh, sharding.spec_for(axes))))
+        target = jax.tree_util.tree_map_with_path(sharded, nnx.to_pure_dict(state))
     if not (path / "state").is_dir():
         raise CheckpointError(f"{path} has no state/ (an incomplete checkpoint?)")
     if verify:

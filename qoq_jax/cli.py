@@ -109,6 +109,25 @@ def add_gemm_arg(p: argparse.ArgumentParser) -> None:
                         "on Hopper, the Triton kernel on other GPUs, the XLA reference on CPU")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel", type=bounded_int(1, None), default=1, metavar="N",
+                   help="split the model over N devices (Megatron-style tensor parallelism; "
+                        "N must divide the KV heads). Across hosts add --distributed")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (coordinator, "
+                        "process count and id from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                        "JAX_PROCESS_ID or the cluster's environment); every host runs the "
+                        "same command and the mesh spans all hosts' devices")
+
+
+def init_parallel(args) -> None:
+    """Start jax.distributed when --distributed was given (before any device is touched)."""
+    if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize()
+
+
 def read_prompts_file(path: Path) -> list[str]:
     """Non-blank lines of a UTF-8 text file."""
     if not path.exists():

@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_weight_format_args,
-                         bounded_float, bounded_int, page_size_arg, positive_int,
-                         read_prompts_file, run_cli, seed_arg, utf8_arg)
+from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_parallel_args,
+                         add_weight_format_args, bounded_float, bounded_int, init_parallel,
+                         page_size_arg, positive_int, read_prompts_file, run_cli, seed_arg,
+                         utf8_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "convert_hf_checkpoint makes a reusable checkpoint)")
     add_weight_format_args(p, "with --quantize")
     add_gemm_arg(p)
+    add_parallel_args(p)
     p.add_argument("--page-size", type=page_size_arg, default=16,
                    help="KV-cache page size in tokens (a power of two; default 16)")
     p.add_argument("--json", action="store_true",
@@ -99,8 +101,9 @@ def _run(args) -> int:
 
         quantize = QuantConfig(method=args.quantize, weight_format=args.weight_format,
                                calib_samples=16, calib_seq_len=512)
+    init_parallel(args)
     llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, gemm_backend=args.gemm,
-                       **engine)
+                       tensor_parallel=args.tensor_parallel, **engine)
 
     compiles0, compile_s0 = COMPILES.count, COMPILES.seconds
     t0 = time.perf_counter()

@@ -250,13 +250,21 @@ def hf_name(path: tuple, layer: int | None = None) -> str:
 
 
 def from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype=jnp.float32,
-                    linear: LinearFactory | None = None) -> Transformer:
+                    linear: LinearFactory | None = None, mesh=None) -> Transformer:
     """Build the model from HF-named tensors, checking every name and shape.
 
     With a quantized `linear` factory, `weights` also holds the packed formats under the
     extended names (see hf_name); those are taken bit for bit, never cast.
+
+    mesh (tensor parallel, see qoq_jax.sharding): every parameter is created sharded, each
+    device's block read from the checkpoint as it is placed (jax.make_array_from_callback,
+    one layer's tensor at a time), so the whole model never sits on one host or device.
     """
+    from qoq_jax import sharding
+
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear))
+    if mesh is not None:
+        sharding.check_tensor_parallel(abstract, sharding.tp_size(mesh))
     graphdef, state = nnx.split(abstract)
     flat = []
     for path, var in nnx.to_flat_state(state):
@@ -265,13 +273,23 @@ def from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype=j
             continue
         exact = isinstance(var, QuantParam)
         shape = tuple(var.shape)
-        if path[0] == "layers":
-            parts = [_get(weights, hf_name(path, i), shape[1:], var.dtype, exact)
-                     for i in range(cfg.num_layers)]
-            value = np.stack(parts)
+
+        def read(index=(), path=path, shape=shape, var=var, exact=exact):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+            if path[0] == "layers":
+                return np.stack([
+                    _get(weights, hf_name(path, i), shape[1:], var.dtype, exact)[index[1:]]
+                    for i in range(cfg.num_layers)[index[0]]])
+            return _get(weights, hf_name(path), shape, var.dtype, exact)[index]
+
+        if mesh is None:
+            value = jnp.asarray(read(), dtype=var.dtype)
         else:
-            value = _get(weights, hf_name(path), shape, var.dtype, exact)
-        flat.append((path, var.replace(value=jnp.asarray(value, dtype=var.dtype))))
+            spec = sharding.spec_for(sharding.logical_axes(path, len(shape)))
+            value = jax.make_array_from_callback(
+                shape, jax.sharding.NamedSharding(mesh, spec),
+                lambda index, read=read, dt=var.dtype: np.asarray(read(index), dtype=dt))
+        flat.append((path, var.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -30,8 +30,8 @@ from typing import Any, Literal
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qoq_jax.cli import (ArgumentParser, add_gemm_arg, add_weight_format_args, bounded_int,
-                         page_size_arg, positive_int, run_cli)
+from qoq_jax.cli import (ArgumentParser, add_gemm_arg, add_parallel_args, add_weight_format_args,
+                         bounded_int, init_parallel, page_size_arg, positive_int, run_cli)
 from qoq_jax.engine import EngineBusyError
 
 log = logging.getLogger("qoq_jax.serve")
@@ -532,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "convert_hf_checkpoint makes a reusable checkpoint)")
     add_weight_format_args(p, "with --quantize")
     add_gemm_arg(p)
+    add_parallel_args(p)
     p.add_argument("--max-slots", type=positive_int,
                    help="sequences decoded together (default 16 on CPU, 128 on GPU)")
     p.add_argument("--num-pages", type=bounded_int(2, None),
@@ -584,8 +585,9 @@ def _serve(args) -> int:
 
         quantize = QuantConfig(method=args.quantize, weight_format=args.weight_format,
                                calib_samples=16, calib_seq_len=512)
+    init_parallel(args)
     llm = qoq_jax.load(args.model, dtype=args.dtype, quantize=quantize, gemm_backend=args.gemm,
-                       **engine_kw)
+                       tensor_parallel=args.tensor_parallel, **engine_kw)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model))
                                       if args.model else "SmolLM2-135M-Instruct")
     if args.warmup:

@@ -107,17 +107,26 @@ def run_oracle(jobs: list[dict], out_dir: Path) -> Path:
     return out_dir
 
 
-def lower_for_h100(fn, *args) -> str:
+def abstract_h100_mesh(n: int = 1, axis: str = "x"):
+    """An AbstractMesh of n H100s on one axis (Explicit for one device, as lower_for_h100 has
+    always used; Auto for several, the tensor-parallel mesh's type)."""
+    import jax
+
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
+    kind = jax.sharding.AxisType.Explicit if n == 1 else jax.sharding.AxisType.Auto
+    return jax.sharding.AbstractMesh((n,), (axis,), (kind,), abstract_device=dev)
+
+
+def lower_for_h100(fn, *args, mesh=None) -> str:
     """Trace and lower `fn` for CUDA under an abstract H100 (no GPU needed); returns the HLO text.
 
     This runs the whole Pallas -> Triton IR lowering, which catches what Triton will not accept
     (value slicing, concatenation along K, non-power-of-two loads) that interpret mode lets through.
+    mesh: an abstract mesh of several H100s (abstract_h100_mesh(8, "tp")) for a sharded `fn`.
     """
     import jax
 
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                     abstract_device=dev)
+    mesh = abstract_h100_mesh() if mesh is None else mesh
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",)).as_text()
