@@ -126,3 +126,45 @@ def test_tp8_model_lowers_for_h100_with_one_all_reduce_per_block(quantized):
     assert hlo.count(TRITON_CALL) >= 2  # paged attention and the KV4 write
     if quantized:
         assert hlo.count("custom_call @mosaic_gpu_v2") >= 7
+
+
+def test_two_processes_generate_what_one_does(tmp_path):
+    """Multi-host: two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) under
+    jax.distributed form one TP = 4 mesh, load the weights sharded and generate; both get the
+    tokens one process with one device generates."""
+    import json
+    import socket
+
+    import numpy as np
+
+    from helpers import make_tiny_checkpoint
+    from qoq_jax.engine import Engine
+    from qoq_jax.hf import SafetensorsCheckpoint
+    from qoq_jax.model import from_hf_weights
+    from qoq_jax.sampling import SamplingParams
+
+    d = make_tiny_checkpoint(tmp_path / "m", "llama_bias", seed=1, num_attention_heads=4,
+                             num_key_value_heads=4)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 80, 11).tolist(), rng.integers(3, 80, 12).tolist()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
+    for o in outs:
+        o.with_suffix(".prompts").write_text(json.dumps(prompts))
+    worker = str(REPO / "tests" / "multidevice" / "multihost_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(d), str(outs[i])],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+
+    model = from_hf_weights(ModelConfig.from_json(d), SafetensorsCheckpoint(d))
+    eng = Engine(model, page_size=8, decode_steps=8, max_slots=2, prefill_chunk=16,
+                 num_pages=24)
+    want = [r.tokens for r in eng.generate(prompts, SamplingParams(max_new_tokens=6,
+                                                                   stop_token_ids=()))]
+    for o in outs:
+        assert json.loads(o.read_text()) == want
