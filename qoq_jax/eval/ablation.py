@@ -54,6 +54,8 @@ def main(argv=None) -> int:
                     choices=["g128", "g64", "per-channel"])
     ap.add_argument("--only-last", action="store_true",
                     help="only RTN and the full recipe (the last row) of each format")
+    ap.add_argument("--rows", nargs="+", metavar="TEXT",
+                    help="only the rows whose label contains one of these texts")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -78,7 +80,11 @@ def main(argv=None) -> int:
           f"{results[0]['wiki']:.3f} | {results[0]['botchan']:.3f} |", flush=True)
     for variant in args.formats:
         rows = rows_for(variant)
-        for label, overrides in (rows[:1] + rows[-1:] if args.only_last else rows):
+        if args.only_last:
+            rows = rows[:1] + rows[-1:]
+        if args.rows:
+            rows = [r for r in rows if any(t in r[0] for t in args.rows)]
+        for label, overrides in rows:
             t0 = time.perf_counter()
             qcfg = QuantConfig(weight_format=variant, calib_samples=args.calib_samples,
                                calib_seq_len=args.calib_seq_len, **overrides)
