@@ -113,8 +113,10 @@ def make_mesh(tensor_parallel: int, devices=None) -> Mesh | None:
         return None
     devices = list(jax.devices() if devices is None else devices)
     if n > len(devices):
+        hint = ("; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices"
+                if devices[0].platform == "cpu" else "")
         raise ValueError(f"--tensor-parallel {n} needs {n} devices, but only {len(devices)} "
-                         f"are visible ({devices[0].platform})")
+                         f"are visible ({devices[0].platform}){hint}")
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
