@@ -585,6 +585,17 @@ def assert_main_fails(main, argv, *fragments):
     return line
 
 
+def test_text_files_read_with_universal_newlines(tmp_path):
+    """CRLF (Botchan's line ends) and CR read as LF, as text-mode reading gives: the evaluated
+    token ids, and so the perplexities of docs/ACCURACY.md, do not depend on the line-end style."""
+    from qoq_jax.eval.data import load_documents
+
+    (tmp_path / "crlf.txt").write_bytes("one\r\ntwo\rthree\n".encode())
+    assert load_documents(tmp_path / "crlf.txt") == ["one\ntwo\nthree\n"]
+    (tmp_path / "docs.json").write_bytes(b'["a\\r\\nb"]\r\n')
+    assert load_documents(tmp_path / "docs.json") == ["a\r\nb"]  # JSON escapes are content
+
+
 def test_perplexity_refuses_a_binary_text_file(tmp_path, ckpt):
     binary = tmp_path / "data.bin"
     binary.write_bytes(bytes(range(256)) * 4)
