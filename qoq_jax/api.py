@@ -172,14 +172,11 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
     Engine keywords (kv_cache="16bit" | "kv4", page_size,
     max_slots, num_pages, kv_memory, ...: see EngineConfig) pass through.
     """
-    from qoq_jax import checkpoint
+    from pallas_kernels import resolve_gemm_backend
+    from qoq_jax import checkpoint, sharding
     from qoq_jax.convert import load_source, quantize as run_quantize
     from qoq_jax.hf import load_tokenizer
     from qoq_jax.quant.config import QuantConfig
-
-    from pallas_kernels import resolve_gemm_backend
-
-    from qoq_jax import sharding
 
     resolve_gemm_backend(gemm_backend)  # a misspelled backend fails now, not after loading
     mesh = sharding.make_mesh(tensor_parallel)  # None for 1: the single-device path

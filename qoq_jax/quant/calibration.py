@@ -140,9 +140,8 @@ def _calibrate(graphdef, state, cfg: ModelConfig, x: jax.Array, hessians: bool, 
     y, sown = nnx.capture(run, nnx.Intermediate)(layer)
     inputs = {name: sown[a][b]["input"][0] for name, (a, b) in INPUT_OF.items()}
 
-    def amax(a):
-        return jnp.abs(a).reshape(-1, a.shape[-2] * a.shape[-1] if a.ndim == 4
-                                  else a.shape[-1]).max(axis=0)
+    def amax(a):  # per channel; heads and head_dim flattened for q/k [S, T, H, D]
+        return jnp.abs(a.reshape(s * t, -1)).max(axis=0)
 
     stats = {"k_absmax": amax(seen["k"]), "q_absmax": amax(seen["q"]),
              "o_absmax": amax(inputs["o"]), "down_absmax": amax(inputs["down"])}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.kv4 import dequantize_kv4, quantize_kv4
 from pallas_kernels.packing import PROTECTIVE_RANGE, WeightFormat
+from pallas_kernels.quantize import quantize_per_token
 
 
 def _fp16(x: jax.Array) -> jax.Array:
@@ -62,11 +63,9 @@ def w4(w: jax.Array, fmt: WeightFormat) -> jax.Array:
 
 def int8_per_token(x: jax.Array) -> jax.Array:
     """x [..., K] -> its per-token INT8 values (symmetric, amax / 127 scale in fp16)."""
-    x = x.astype(jnp.float32)
-    amax = jnp.abs(x).max(axis=-1, keepdims=True)
-    inv = jnp.where(amax > 0, 127.0 / amax, 0.0)
-    q = jnp.clip(jnp.round(x * inv), -127, 127)
-    return q * _fp16(amax / 127.0)
+    act = quantize_per_token(x.reshape(-1, x.shape[-1]).astype(jnp.float32), backend="xla")
+    y = act.values.astype(jnp.float32) * act.scale.astype(jnp.float32)[:, None]
+    return y.reshape(x.shape)
 
 
 def kv4(x: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ projection, the packed format fields (``...q_proj.qweight``, ``.s1``, ``.s2``, `
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,28 +148,28 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
         else:
             alpha, beta = qcfg.smooth_attention_alpha, 0.0
         w = transforms.smooth_attention(w, cfg, stats.k_absmax, alpha, stats.q_absmax, beta)
-    # (step, searched choice's name, consumer, its input, lambda of (alpha, beta), transform)
+    # (on?, the choice's name, its lambda of (weights, alpha, beta), its transform, consumer,
+    # the consumer's captured input); each transform returns (weights, lambda applied)
     outputs = (
-        (qcfg.smooth_out, "smooth_out", "self_attn.o_proj", "o_in",
+        (qcfg.smooth_out, "smooth_out",
          lambda w, a, b: transforms.out_lambda(w, cfg, stats.o_absmax, a, b),
-         lambda w, a, b: transforms.smooth_out(w, cfg, stats.o_absmax, a, b)),
-        (qcfg.smooth_down, "smooth_down", "mlp.down_proj", "down_in",
+         lambda w, a, b: transforms.smooth_out(w, cfg, stats.o_absmax, a, b),
+         "self_attn.o_proj", "o_in"),
+        (qcfg.smooth_down, "smooth_down",
          lambda w, a, b: transforms.down_lambda(w, stats.down_absmax, a, b),
-         lambda w, a, b: transforms.smooth_down(w, stats.down_absmax, a, b)))
-    lams = []
-    for on, name, consumer, inputs, lambda_of, apply in outputs:
-        lam = None
-        if on:
-            ab = (qcfg.smooth_alpha, qcfg.smooth_beta)
-            if qcfg.search_smoothing:
-                ab = search.search_output_smoothing(
-                    cap[inputs], w[consumer + ".weight"],
-                    lambda a, b, w=w, lambda_of=lambda_of: lambda_of(w, a, b), fmt, steps)
-                choices[name] = ab
-            w, lam = apply(w, *ab)
-        lams.append(lam)
-    lam_o = lam_o if lams[0] is None else lams[0]
-    lam_d = lam_d if lams[1] is None else lams[1]
+         lambda w, a, b: transforms.smooth_down(w, stats.down_absmax, a, b),
+         "mlp.down_proj", "down_in"))
+    lams = {"smooth_out": lam_o, "smooth_down": lam_d}
+    for on, name, lambda_of, apply, consumer, inputs in outputs:
+        if not on:
+            continue
+        ab = (qcfg.smooth_alpha, qcfg.smooth_beta)
+        if qcfg.search_smoothing:
+            ab = search.search_output_smoothing(cap[inputs], w[consumer + ".weight"],
+                                                functools.partial(lambda_of, w), fmt, steps)
+            choices[name] = ab
+        w, lams[name] = apply(w, *ab)
+    lam_o, lam_d = lams["smooth_out"], lams["smooth_down"]
     return w, lam_o, lam_d
 
 

@@ -52,11 +52,6 @@ def _sq_err(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(d * d)
 
 
-def _pow(base: jax.Array, e: jax.Array) -> jax.Array:
-    """base ** e with base > 0 (zeros count as 1), e = 0 -> 1."""
-    return jnp.where(base > 0, base, 1.0) ** e
-
-
 # ----------------------------------------------------------------------------------------------
 # SmoothAttention
 
