@@ -213,9 +213,11 @@ def progressive_level1(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def group_params(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None = None,
-                 hi: np.ndarray | None = None):
+                 hi: np.ndarray | None = None, ratio: np.ndarray | float | None = None):
     """Progressive parameters of W [N, K]: (s1 fp16 [N], w1 float32 [N, K], s2 [N, K/g] and
-    zero [N, K/g] as float32 integers, g). lo/hi [N, K/g]: per-group ranges in W's units."""
+    zero [N, K/g] as float32 integers, g). lo/hi [N, K/g]: per-group ranges in W's units;
+    ratio (a scalar or [N, K/g], instead of lo/hi): each group's own range shrunk by it (the
+    clipping search's candidates, quant/clipping.py)."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
     check_shape(n, k)
@@ -225,8 +227,13 @@ def group_params(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None = N
     s1f = s1.astype(np.float32)[:, None]
     glo = w1g.min(axis=2) if lo is None else np.asarray(lo, np.float32) / s1f
     ghi = w1g.max(axis=2) if hi is None else np.asarray(hi, np.float32) / s1f
-    glo = np.clip(np.minimum(glo, 0.0), -PROTECTIVE_RANGE, 0.0)
-    ghi = np.clip(np.maximum(ghi, 0.0), 0.0, PROTECTIVE_RANGE)
+    glo, ghi = np.minimum(glo, 0.0), np.maximum(ghi, 0.0)
+    if ratio is not None:
+        if lo is not None or hi is not None:
+            raise ValueError("give either lo/hi or ratio, not both")
+        glo, ghi = glo * np.float32(ratio), ghi * np.float32(ratio)
+    glo = np.clip(glo, -PROTECTIVE_RANGE, 0.0)
+    ghi = np.clip(ghi, 0.0, PROTECTIVE_RANGE)
     s2 = np.clip(np.rint((ghi - glo) / 15.0), 1, 127).astype(np.float32)
     z = np.clip(np.rint(-glo / s2), 0, 15).astype(np.float32)
     return s1, w1, s2, z, g
@@ -248,12 +255,14 @@ def group_format(q: np.ndarray, s1: np.ndarray, s2: np.ndarray, z: np.ndarray,
 
 
 def quantize_group(w: np.ndarray, group_size: int = 128, lo: np.ndarray | None = None,
-                   hi: np.ndarray | None = None) -> W4Group:
-    """W [N, K] float -> W4Group (progressive). lo/hi [N, K/g]: per-group ranges in W's units.
+                   hi: np.ndarray | None = None, ratio: np.ndarray | float | None = None
+                   ) -> W4Group:
+    """W [N, K] float -> W4Group (progressive). lo/hi [N, K/g]: per-group ranges in W's units;
+    or ratio: each group's range shrunk by it (see group_params).
 
     group_size 128 falls back to 64 where K is not a multiple of 128 (see group_size_for).
     """
-    s1, w1, s2, z, g = group_params(w, group_size, lo, hi)
+    s1, w1, s2, z, g = group_params(w, group_size, lo, hi, ratio)
     n, k = w1.shape
     q = group_codes(w1, np.repeat(s2, g, axis=1), np.repeat(z, g, axis=1))
     return group_format(q, s1, s2, z, g)

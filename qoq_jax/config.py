@@ -92,6 +92,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # QoQ checkpoints converted with rotate_k: queries and keys are rotated per head by a
+    # Hadamard after RoPE (q.k unchanged), so the KV4 cache stores keys whose outlier channels
+    # are spread over the head. Stored in config.json as "qoq_key_rotation".
+    key_rotation: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -168,6 +172,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=hf.get("pad_token_id"),
+            key_rotation=bool(hf.get("qoq_key_rotation", False)),
         )
 
     @classmethod
@@ -207,6 +212,8 @@ class ModelConfig:
         }
         if self.rope_scaling is not None:
             d["rope_scaling"] = dict(self.rope_scaling)
+        if self.key_rotation:
+            d["qoq_key_rotation"] = True
         if self.architecture == "LlamaForCausalLM":
             d["attention_bias"] = self.qkv_bias
             d["mlp_bias"] = self.mlp_bias

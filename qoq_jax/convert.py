@@ -24,6 +24,7 @@ from qoq_jax.quant.config import DEFAULT_PRESET, SEARCHES, SMOOTH_PRESETS, STEPS
 
 MAX_CLIP_GRID = 1000
 unit_float = bounded_float(0.0, 1.0)
+positive_float = bounded_float(0.0, None, low_open=True)
 
 
 def load_source(source: str | None, *, progress: bool = True):
@@ -162,22 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-attention-alpha", type=unit_float, default=0.5,
                    help="SmoothAttention's alpha in [0, 1] (0.5)")
     p.add_argument("--clip-grid", type=bounded_int(1, MAX_CLIP_GRID), default=80,
-                   help=f"clipping-search ratios between 1.0 and 0.2 (per-channel; 80, at "
-                        f"most {MAX_CLIP_GRID})")
+                   help=f"clipping-search ratios between 1.0 and 0.2 (80, at most "
+                        f"{MAX_CLIP_GRID})")
+    p.add_argument("--gptq-damp", type=positive_float, default=0.01,
+                   help="GPTQ's Hessian damping, a fraction of its mean diagonal (0.01, the "
+                        "paper's; more generalizes better from a small calibration set)")
     p.add_argument("--search-grid", type=bounded_int(2, 100), default=10,
                    help="searched (alpha, beta) candidates step by 1/N (10)")
     p.add_argument("--search-tokens", type=positive_int, default=4096,
                    help="calibration tokens the searches score their candidates on (4096)")
-    for step in ("rotate", "smooth-attention", "smooth-out", "smooth-down", "reorder", "clip",
-                 "gptq"):
-        p.add_argument(f"--no-{step}", action="store_true", help=f"skip the {step} step")
+    steps = p.add_argument_group(
+        "steps", "turn a step of the recipe on or off (default: the method's recipe, see "
+                 "qoq_jax.quant.config.QuantConfig)")
+    for step, what in (("rotate", "Hadamard rotation of the block inputs"),
+                       ("rotate-v", "per-head Hadamard on v_proj -> o_proj (V cache rotated)"),
+                       ("smooth-attention", "SmoothAttention on the keys"),
+                       ("smooth-out", "v_proj -> o_proj output smoothing"),
+                       ("smooth-down", "up_proj -> down_proj output smoothing"),
+                       ("reorder", "channel reordering (group formats)"),
+                       ("clip", "weight clipping search (per row; per group for g128/g64)"),
+                       ("gptq", "GPTQ rounding"),
+                       ("quantized-inputs", "calibrate each layer on the quantized layers' "
+                                            "outputs (GPTQ's sequential mode)")):
+        steps.add_argument(f"--{step}", action=argparse.BooleanOptionalAction, default=None,
+                           help=what)
     for search, what in (("smooth-attention", "SmoothAttention's (alpha, beta): use "
                                               "--smooth-attention-alpha"),
                          ("smoothing", "v->o and up->down (alpha, beta): use the preset"),
                          ("qk-clip", "q/k_proj clipping on the attention output (per-channel): "
                                      "use the per-row search")):
-        p.add_argument(f"--no-search-{search}", action="store_true",
-                       help=f"do not search {what}")
+        steps.add_argument(f"--search-{search}", action=argparse.BooleanOptionalAction,
+                           default=None, help=f"search {what} when off")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -189,7 +205,9 @@ def config_from_args(args) -> QuantConfig:
         preset=args.preset, smooth_alpha=args.smooth_alpha, smooth_beta=args.smooth_beta,
         smooth_attention_alpha=args.smooth_attention_alpha, clip_grid=args.clip_grid,
         search_grid=args.search_grid, search_tokens=args.search_tokens,
-        **{name: False for name in STEPS + SEARCHES if getattr(args, "no_" + name, False)})
+        gptq_damp=args.gptq_damp,
+        **{name: getattr(args, name) for name in STEPS + SEARCHES + ("quantized_inputs",)
+           if getattr(args, name) is not None})
 
 
 def main(argv=None) -> int:

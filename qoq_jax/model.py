@@ -31,6 +31,7 @@ from flax import nnx
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.hf import CheckpointError
 from qoq_jax.kv_cache import slot_indices
+from qoq_jax.quant.hadamard import rotation_matrix
 from pallas_kernels.quantize import QuantizedActivation, quantize_sharded_rows
 from qoq_jax.layers import (Embedding, LinearFactory, QuantParam, RMSNorm, W4A8Linear,
                             apply_rope, make_linear, norm_input, rope_cos_sin, swiglu_input)
@@ -96,12 +97,25 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
     q = attn.q_proj(h).reshape(b, t, -1, cfg.head_dim)
     k = attn.k_proj(h).reshape(b, t, -1, cfg.head_dim)
     v = attn.v_proj(h).reshape(b, t, -1, cfg.head_dim)
-    cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
-    o = attend(apply_rope(q, cos, sin), cache, layer_idx).reshape(b, t, -1)
+    if cfg.key_rotation:
+        # Rotate q and k per head after RoPE (scores unchanged); the cache then gets keys that
+        # already carry RoPE, so its fused RoPE runs with the identity angles (cos 1, sin 0).
+        k, q = (rotate_heads(apply_rope(a, cos, sin)) for a in (k, q))
+        cache = cache.write(layer_idx, k, v, jnp.ones_like(cos), jnp.zeros_like(sin), page, slot)
+        o = attend(q, cache, layer_idx).reshape(b, t, -1)
+    else:
+        cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
+        o = attend(apply_rope(q, cos, sin), cache, layer_idx).reshape(b, t, -1)
     x = x + (attn.o_proj(o) if axis is None else _row_parallel(attn.o_proj, o, axis))
     x = x + _mlp(layer.mlp, norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj),
                  axis)
     return x, cache
+
+
+def rotate_heads(x: jax.Array) -> jax.Array:
+    """x [..., D] @ the orthogonal Hadamard of size D (computed in float32)."""
+    r = jnp.asarray(rotation_matrix(x.shape[-1]), jnp.float32)
+    return (x.astype(jnp.float32) @ r).astype(x.dtype)
 
 
 def _row_parallel(linear, x, axis):

@@ -377,3 +377,33 @@ def test_quantized_model_lowers_with_the_mosaic_gpu_gemm(tmp_path):
         # 7 projections per layer, under lax.scan: one call site each in the layer body
         assert hlo.count("custom_call @mosaic_gpu_v2") >= 7
         assert hlo.count(TRITON_CALL) >= 2  # attention and the KV4 write
+
+
+def test_key_rotation_keeps_the_function_and_shrinks_the_kv4_key_error(tmp_path):
+    """ModelConfig.key_rotation (QoQ's rotate_k) rotates q and k per head after RoPE: with a
+    16-bit cache the engine computes the same log-probabilities (prefill chunks and decode),
+    with KV4 the cache stores rotated keys, whose rounding error is smaller when a few key
+    channels are outliers (as in real models)."""
+    import dataclasses
+
+    d = make_tiny_checkpoint(tmp_path / "m", "llama3", seed=7)
+    cfg = ModelConfig.from_json(d)
+    weights = dict(SafetensorsCheckpoint(d))
+    for i in range(cfg.num_layers):  # one outlier RoPE pair per KV head
+        k = weights[f"model.layers.{i}.self_attn.k_proj.weight"].copy().reshape(
+            cfg.num_kv_heads, cfg.head_dim, -1)
+        k[:, [1, 1 + cfg.head_dim // 2]] *= 30.0
+        weights[f"model.layers.{i}.self_attn.k_proj.weight"] = k.reshape(-1, k.shape[-1])
+    rotated = dataclasses.replace(cfg, key_rotation=True)
+    assert ModelConfig.from_hf_dict(rotated.to_hf_dict()) == rotated  # survives config.json
+    window = np.random.default_rng(31).integers(3, cfg.vocab_size, (1, 70))
+    lp = {(rot, kind): _engine(from_hf_weights(rotated if rot else cfg, weights, jnp.float32),
+                               kv_cache=kind).score(window)
+          for rot in (False, True) for kind in ("16bit", "kv4")}
+    np.testing.assert_allclose(lp[True, "16bit"], lp[False, "16bit"], atol=2e-5)
+    err = {rot: np.abs(lp[rot, "kv4"] - lp[False, "16bit"]).mean() for rot in (False, True)}
+    assert err[True] < 0.8 * err[False], err
+    prompt = window[0, :20].tolist()  # decode steps read the rotated keys back too
+    outs = [_engine(from_hf_weights(c, weights, jnp.float32)).generate([prompt], GREEDY)[0].tokens
+            for c in (cfg, rotated)]
+    assert outs[0] == outs[1]

@@ -1,8 +1,10 @@
 """QuantConfig: the whole QoQ recipe, recorded in a quantized checkpoint's config.json.
 
 Frozen: what the user asked for is what the checkpoint records. Steps left at None take the
-method's default (the paper's recipe for "qoq": reordering for group formats, clipping for
-per-channel; nothing for "rtn"); an explicit value is kept, and one that contradicts the method
+method's default ("qoq": the paper's recipe (reordering for group formats, clipping for
+per-channel) with deepcompressor's per-head V rotation in place of v->o smoothing, and the K
+cache rotated per head when it is KV4 (measured in docs/ACCURACY.md); nothing for "rtn"); an
+explicit value is kept, and one that contradicts the method
 (a transform with "rtn") is an error, not silently overridden. What the pipeline *chose* (searched
 strengths, the effective format per projection) is not the recipe: it comes back separately, as
 ``pipeline.QuantReport``.
@@ -17,7 +19,8 @@ from pallas_kernels.packing import WeightFormat
 
 METHODS = ("qoq", "rtn")
 # The steps of the pipeline, in the paper's order; None = the method's default.
-STEPS = ("rotate", "smooth_attention", "smooth_out", "smooth_down", "reorder", "clip", "gptq")
+STEPS = ("rotate", "rotate_v", "rotate_k", "smooth_attention", "smooth_out", "smooth_down", "reorder", "clip",
+         "gptq")
 SEARCHES = ("search_smooth_attention", "search_smoothing", "search_qk_clip")
 
 # Output-smoothing (alpha, beta) of the paper's code per model (qserve_spec.md section 1.12):
@@ -45,6 +48,8 @@ class QuantConfig:
     rotate: bool | None = None  # block input rotation (Hadamard), norms folded first
     smooth_attention: bool | None = None  # SmoothAttention on post-RoPE keys
     smooth_attention_alpha: float = 0.5  # the fixed strength (when not searched)
+    rotate_v: bool | None = None  # per-head Hadamard on v_proj -> o_proj (the V cache is rotated)
+    rotate_k: bool | None = None  # per-head Hadamard on q and k after RoPE (the K cache is rotated)
     smooth_out: bool | None = None  # v_proj -> o_proj output smoothing
     smooth_down: bool | None = None  # up_proj -> down_proj output smoothing
     smooth_alpha: float | None = None  # None: from the preset (when not searched)
@@ -55,6 +60,10 @@ class QuantConfig:
     clip_grid: int = 80  # ratios 1.0, 1 - 0.8/grid, ..., 0.2
     clip_min: float = 0.2
     gptq: bool | None = None  # GPTQ rounding (the paper's recipe uses it for both formats)
+    gptq_damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal (paper: 1%)
+    # Calibrate each layer on the outputs of the layers before it with their W4 weights (GPTQ's
+    # sequential mode) instead of the float outputs (the paper's code); one more layer forward.
+    quantized_inputs: bool = False
     # The paper code's searches (quant/search.py): per-layer strengths instead of fixed ones.
     search_smooth_attention: bool | None = None  # grid over (alpha, beta) of SmoothAttention
     search_smoothing: bool | None = None  # grid over (alpha, beta) of v->o and up->down
@@ -83,8 +92,10 @@ class QuantConfig:
                                  f"{', '.join(given)} (use method 'qoq')")
             defaults = dict.fromkeys(STEPS + SEARCHES[:2], False)
         else:
-            defaults = dict(rotate=True, smooth_attention=True, smooth_out=True,
-                            smooth_down=True, reorder=group, clip=not group, gptq=True,
+            rotate_v = True if self.rotate_v is None else self.rotate_v
+            defaults = dict(rotate=True, rotate_v=rotate_v, rotate_k=self.kv_cache == "kv4",
+                            smooth_attention=True, smooth_out=not rotate_v, smooth_down=True,
+                            reorder=group, clip=not group, gptq=True,
                             search_smooth_attention=True, search_smoothing=True)
         for name, value in defaults.items():
             if getattr(self, name) is None:
@@ -100,6 +111,8 @@ class QuantConfig:
         set_("smooth_beta", beta if self.smooth_beta is None else self.smooth_beta)
         if not 0 < self.clip_min <= 1 or self.clip_grid < 1:
             raise ValueError("clip_min must be in (0, 1] and clip_grid >= 1")
+        if not self.gptq_damp > 0:
+            raise ValueError("gptq_damp must be > 0 (a fraction of the Hessian's mean diagonal)")
         if self.search_grid < 2 or self.search_tokens < 1:
             raise ValueError("search_grid must be >= 2 and search_tokens >= 1")
         if self.kv_cache not in ("kv4", "16bit"):
@@ -118,11 +131,14 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        """Reads this recipe, and the older one (group_size -1/128/64, steps the method turned
-        off written as False, a layer_group_sizes entry) that earlier checkpoints carry."""
+        """Reads this recipe, and the older ones (group_size -1/128/64, steps the method turned
+        off written as False, a layer_group_sizes entry, no rotate_v / rotate_k: those steps
+        were not run) that earlier checkpoints carry."""
         d = dict(d)
         if "weight_format" not in d and "group_size" in d:
             d["weight_format"] = d["group_size"]
+        for step in ("rotate_v", "rotate_k"):  # recipes written before these steps existed
+            d.setdefault(step, False)
         if d.get("method") == "rtn":  # older recipes wrote rtn's steps out as False
             for name in STEPS + SEARCHES:
                 if d.get(name) is False:

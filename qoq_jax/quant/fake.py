@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels.kv4 import dequantize_kv4, quantize_kv4
 from pallas_kernels.packing import PROTECTIVE_RANGE, WeightFormat
 from pallas_kernels.quantize import quantize_per_token
+from qoq_jax.quant.hadamard import rotation_matrix
 
 
 def _fp16(x: jax.Array) -> jax.Array:
@@ -39,16 +40,18 @@ def w4_per_channel(w: jax.Array, ratio: jax.Array | float = 1.0) -> jax.Array:
     return q * s - _fp16(z * s)
 
 
-def w4_group(w: jax.Array, group_size: int) -> jax.Array:
-    """w [N, K] -> its progressive-group W4 values (group_size already resolved for K)."""
+def w4_group(w: jax.Array, group_size: int, ratio: jax.Array | float = 1.0) -> jax.Array:
+    """w [N, K] -> its progressive-group W4 values (group_size already resolved for K), the
+    range of each group shrunk by `ratio` (a scalar or [N, K / group_size])."""
     w = w.astype(jnp.float32)
     n, k = w.shape
     p = float(PROTECTIVE_RANGE)
     s1 = _fp16(jnp.abs(w).max(axis=1, keepdims=True) / p)
     s1 = jnp.where(s1 == 0, 1.0, s1)
     w1 = jnp.clip(w / s1, -p, p).reshape(n, k // group_size, group_size)
-    lo = jnp.clip(jnp.minimum(w1.min(axis=2, keepdims=True), 0.0), -p, 0.0)
-    hi = jnp.clip(jnp.maximum(w1.max(axis=2, keepdims=True), 0.0), 0.0, p)
+    r = jnp.asarray(ratio, jnp.float32)[..., None] if jnp.ndim(ratio) else ratio
+    lo = jnp.clip(jnp.minimum(w1.min(axis=2, keepdims=True), 0.0) * r, -p, 0.0)
+    hi = jnp.clip(jnp.maximum(w1.max(axis=2, keepdims=True), 0.0) * r, 0.0, p)
     s2 = jnp.clip(jnp.round((hi - lo) / 15.0), 1, 127)
     z = jnp.clip(jnp.round(-lo / s2), 0, 15)
     q = jnp.clip(jnp.round(w1 / s2) + z, 0, 15)
@@ -68,6 +71,10 @@ def int8_per_token(x: jax.Array) -> jax.Array:
     return y.reshape(x.shape)
 
 
-def kv4(x: jax.Array) -> jax.Array:
-    """x [..., D] (one token and head per row) -> its KV4 values."""
-    return dequantize_kv4(*quantize_kv4(x))
+def kv4(x: jax.Array, rotated: bool = False) -> jax.Array:
+    """x [..., D] (one token and head per row) -> its KV4 values. rotated: the cache stores x
+    rotated by the head's Hadamard (ModelConfig.key_rotation); the values come back unrotated."""
+    if not rotated:
+        return dequantize_kv4(*quantize_kv4(x))
+    r = jnp.asarray(rotation_matrix(x.shape[-1]), jnp.float32)
+    return dequantize_kv4(*quantize_kv4(x.astype(jnp.float32) @ r)) @ r.T

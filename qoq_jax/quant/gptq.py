@@ -101,20 +101,23 @@ def gptq_codes(w: np.ndarray, hessian: np.ndarray, column_scale: np.ndarray,
     return out
 
 
-def gptq_per_channel(w: np.ndarray, hessian: np.ndarray, lo=None, hi=None):
+def gptq_per_channel(w: np.ndarray, hessian: np.ndarray, lo=None, hi=None,
+                     damp: float = 0.01):
     s, z = packing.per_channel_params(w, lo, hi)
     n, k = w.shape
     col_s = np.broadcast_to(s.astype(np.float32)[:, None], (n, k))
     col_z = np.broadcast_to(z[:, None], (n, k))
-    return packing.per_channel_format(gptq_codes(w, hessian, col_s, col_z), s, z)
+    return packing.per_channel_format(gptq_codes(w, hessian, col_s, col_z, damp=damp), s, z)
 
 
-def gptq_group(w: np.ndarray, hessian: np.ndarray, group_size: int = 128):
-    s1, w1, s2, z, g = packing.group_params(w, group_size)
+def gptq_group(w: np.ndarray, hessian: np.ndarray, group_size: int = 128, damp: float = 0.01,
+               ratio: np.ndarray | float | None = None):
+    """ratio: the groups' clipping ratios (packing.group_params)."""
+    s1, w1, s2, z, g = packing.group_params(w, group_size, ratio=ratio)
     # RTN stays inside the INT8 level by construction; error feedback can push values past the
     # group's range, so keep each code where (q - z) * s2 is still a valid INT8 value.
     reach = np.floor(127.0 / s2)
     lo, hi = np.maximum(z - reach, 0), np.minimum(z + reach, 15)
     q = gptq_codes(w1, hessian, np.repeat(s2, g, axis=1), np.repeat(z, g, axis=1),
-                   np.repeat(lo, g, axis=1), np.repeat(hi, g, axis=1))
+                   np.repeat(lo, g, axis=1), np.repeat(hi, g, axis=1), damp=damp)
     return packing.group_format(q, s1, s2, z, g)

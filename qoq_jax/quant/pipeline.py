@@ -33,7 +33,7 @@ from pallas_kernels import packing
 from qoq_jax.config import ModelConfig
 from qoq_jax.quant import gptq, search, transforms
 from qoq_jax.quant.calibration import HESSIAN_OF, LINEAR_NAMES, run_layer
-from qoq_jax.quant.clipping import clip_ratios, search_per_channel
+from qoq_jax.quant.clipping import clip_ratios, search_group, search_per_channel
 from qoq_jax.quant.config import QuantConfig
 from qoq_jax.quant.hadamard import rotation_matrix
 
@@ -96,11 +96,21 @@ def quantize_linear(w: np.ndarray, qcfg: QuantConfig, hessian: np.ndarray | None
         elif qcfg.clip and hessian is not None:
             lo, hi = search_per_channel(w, hessian, qcfg.clip_grid, qcfg.clip_min)
         if use_gptq:
-            return gptq.gptq_per_channel(w, hessian, lo, hi)
+            return gptq.gptq_per_channel(w, hessian, lo, hi, qcfg.gptq_damp)
         return packing.quantize_per_channel(w, lo, hi)
+    ratio = None
+    if qcfg.clip and hessian is not None:
+        group_size = fmt.for_input_size(w.shape[1]).group_size
+        ratio = search_group(w, hessian, group_size, qcfg.clip_grid, qcfg.clip_min)
     if use_gptq:
-        return gptq.gptq_group(w, hessian, fmt.group_size)
-    return packing.quantize_group(w, fmt.group_size)
+        return gptq.gptq_group(w, hessian, fmt.group_size, qcfg.gptq_damp, ratio)
+    return packing.quantize_group(w, fmt.group_size, ratio=ratio)
+
+
+def _served(cfg: ModelConfig, qcfg: QuantConfig) -> ModelConfig:
+    """The config the quantized model runs with: the searches score what it will compute (the
+    calibration itself runs the original layer: its statistics are of unrotated keys)."""
+    return dataclasses.replace(cfg, key_rotation=bool(qcfg.rotate_k))
 
 
 def _transformed_ends(cfg: ModelConfig, weights, rot):
@@ -130,6 +140,10 @@ class _Layer:
     hessians: dict[str, np.ndarray] | None
     qkv_input: np.ndarray | None  # captured q/k/v_proj input (for the q/k clipping search)
     choices: dict[str, Any]
+    inputs: np.ndarray | None = None  # the layer's calibration inputs [S, T, D]
+    # Set by the consumer before asking for the next layer: the next layer's calibration
+    # inputs (the outputs of this layer with its weights quantized); None: the float outputs.
+    next_inputs: np.ndarray | None = None
 
 
 def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
@@ -143,7 +157,7 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
     if qcfg.smooth_attention:
         if qcfg.search_smooth_attention:
             alpha, beta = search.search_smooth_attention(cap, stats.k_absmax, stats.q_absmax,
-                                                         cfg, steps)
+                                                         _served(cfg, qcfg), steps)
             choices["smooth_attention"] = (alpha, beta)
         else:
             alpha, beta = qcfg.smooth_attention_alpha, 0.0
@@ -186,6 +200,8 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
         w = {n: np.asarray(weights[f"model.layers.{i}.{n}"], np.float64) for n in names}
         if rot is not None:
             w = transforms.rotate_layer(w, rot)
+        if qcfg.rotate_v:
+            w = transforms.rotate_v_heads(w, cfg, rotation_matrix(cfg.head_dim))
         hessians, qkv_input, choices = None, None, {}
         if x is not None:
             x_next, stats = run_layer(w, cfg, x, hessians=want_hessians, capture=capture)
@@ -202,14 +218,18 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
                 hessians["down"] = hessians["down"] / np.outer(lam_d, lam_d)
             if qcfg.reorder:
                 w, perm = transforms.reorder_down(w, down_absmax)
-                w, perms = transforms.reorder_out(w, cfg, o_absmax)
                 if hessians is not None:  # the same permutations, applied to the Hessians
                     hessians["down"] = hessians["down"][perm][:, perm]
+            if qcfg.reorder and not qcfg.rotate_v:  # rotated heads have no salient channels
+                w, perms = transforms.reorder_out(w, cfg, o_absmax)
+                if hessians is not None:
                     o_idx = (np.arange(cfg.num_heads)[:, None] * cfg.head_dim
                              + np.repeat(perms, cfg.q_per_kv, axis=0)).reshape(-1)
                     hessians["o"] = hessians["o"][o_idx][:, o_idx]
-            x = x_next
-        yield _Layer(i, w, hessians, qkv_input, choices)
+        layer = _Layer(i, w, hessians, qkv_input, choices, inputs=x)
+        yield layer
+        if x is not None:
+            x = x_next if layer.next_inputs is None else layer.next_inputs
 
 
 def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: QuantConfig,
@@ -223,6 +243,7 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
     report = QuantReport()
     rot = rotation_matrix(cfg.hidden_size) if qcfg.rotate else None
     out, qcfg_model = _transformed_ends(cfg, weights, rot)
+    qcfg_model = _served(qcfg_model, qcfg)
     layers = _transformed_layers(cfg, weights, qcfg, rot, out["model.embed_tokens.weight"],
                                  calib_tokens, want_hessians=qcfg.clip or qcfg.gptq)
     bar = tqdm(layers, total=cfg.num_layers, desc=f"quantizing ({qcfg.method})", unit="layer",
@@ -232,15 +253,17 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
         w, prefix = layer.weights, f"model.layers.{layer.index}."
         ratio_of = {}
         if qcfg.search_qk_clip and layer.qkv_input is not None:
-            rq, rk = search.search_qk_clipping(layer.qkv_input, w, cfg, ratios)
+            rq, rk = search.search_qk_clipping(layer.qkv_input, w, _served(cfg, qcfg), ratios)
             ratio_of = {"self_attn.q_proj": rq, "self_attn.k_proj": rk}
             layer.choices["clip_q"], layer.choices["clip_k"] = rq, rk
         report.layers.append(layer.choices)
         if layer.choices and progress:
             bar.write(report.describe(layer.index))
+        formats = {}
         for name in LINEAR_NAMES:
             h = None if layer.hessians is None else layer.hessians[HESSIAN_OF[name]]
-            fmt = quantize_linear(w[name + ".weight"], qcfg, h, ratio_of.get(name))
+            fmt = formats[name] = quantize_linear(w[name + ".weight"], qcfg, h,
+                                                  ratio_of.get(name))
             report.formats[name] = qcfg.weight_format.for_input_size(
                 w[name + ".weight"].shape[1]).value
             for field, value in format_fields(fmt).items():
@@ -249,6 +272,12 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
                 out[f"{prefix}{name}.bias"] = w[name + ".bias"].astype(np.float32)
         for norm in NORMS:
             out[f"{prefix}{norm}.weight"] = w[norm + ".weight"].astype(np.float32)
+        if qcfg.quantized_inputs and layer.inputs is not None:
+            # GPTQ's sequential mode: the next layer calibrates on what this one computes with
+            # its W4 weights, so its rounding can make up for this layer's error.
+            wq = dict(w) | {n + ".weight": packing.dequantize(f).astype(np.float64)
+                            for n, f in formats.items()}
+            layer.next_inputs, _ = run_layer(wq, cfg, layer.inputs)
     return out, qcfg_model, report
 
 
@@ -259,6 +288,7 @@ def transformed_float_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray
     reordering), in HF names: it must compute the same logits as the original (tests check)."""
     rot = rotation_matrix(cfg.hidden_size) if qcfg.rotate else None
     out, new_cfg = _transformed_ends(cfg, weights, rot)
+    new_cfg = _served(new_cfg, qcfg)
     for layer in _transformed_layers(cfg, weights, qcfg, rot, out["model.embed_tokens.weight"],
                                      calib_tokens, want_hessians=False):
         out.update({f"model.layers.{layer.index}.{n}": v.astype(np.float32)

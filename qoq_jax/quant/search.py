@@ -6,7 +6,8 @@ whose quantized layer is closest to the float layer on the calibration activatio
 
 - ``search_smooth_attention``: SmoothAttention's lambda = K_span^alpha / Q_span^beta over
   (0, 0), (alpha, 0), (alpha, 1 - alpha); objective: the attention output with the keys stored
-  in KV4 (queries stay 16-bit), as the paper's code (``beta = -2`` GridSearch).
+  in KV4 (queries stay 16-bit; rotated per head first with rotate_k), as the paper's code
+  (``beta = -2`` GridSearch).
 - ``search_output_smoothing``: (alpha, beta) of v->o and up->down smoothing over the same kind
   of grid; objective: the consumer projection's output (o_proj, down_proj) with its input in
   per-token INT8 and its weight in the W4 format (RTN), i.e. W4A8 as the GEMM computes it.
@@ -64,7 +65,7 @@ def _smooth_attention_errors(q, k, v, k_span, q_span, grid, cfg: ModelConfig):
     def err(ab):
         lam = attention_lambda(k_span, q_span, cfg, ab[0], ab[1], xp=jnp)  # [Hkv, D]
         q_s = q * jnp.repeat(lam, g, axis=0)
-        k_s = fake.kv4(k / lam)
+        k_s = fake.kv4(k / lam, cfg.key_rotation)
         return _sq_err(causal_attention(q_s, k_s, v), ref)
 
     return lax.map(err, grid)
@@ -135,7 +136,7 @@ def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, ratio_other, ratios, cfg: ModelCo
 
     def k_of(r):
         return fake.kv4(apply_rope(_project(hq8, fake.w4_per_channel(wk, r), bk, hkv, hd),
-                                   cos, sin))
+                                   cos, sin), cfg.key_rotation)
 
     def err(r):
         if which == "q":

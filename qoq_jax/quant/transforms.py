@@ -14,6 +14,9 @@ compute the same function (up to rounding), with activations or weights that qua
                        down_proj's inputs into up_proj's rows
 - reorder_down / reorder_out: permute input channels by ascending max|X_j| so channels of similar
                        size share a quantization group (g128)
+- rotate_v_heads:      a Hadamard of size head_dim per head on v_proj's outputs and o_proj's
+                       inputs (deepcompressor's addition): the V cache is stored rotated, its
+                       outlier channels spread over the head, which KV4 rounds far better
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ def rotate_layer(w: dict, rot: np.ndarray) -> dict:
         w[name + ".weight"] = rot.T @ w[name + ".weight"]
         if name + ".bias" in w:
             w[name + ".bias"] = rot.T @ w[name + ".bias"]
+    return w
+
+
+def rotate_v_heads(w: dict, cfg: ModelConfig, rot: np.ndarray) -> dict:
+    """v <- Rᵀ v per KV head (v_proj rows and bias), o_proj's columns of every query head <- W R:
+    attention mixes tokens, not channels, so each head's output arrives rotated by Rᵀ and o_proj
+    undoes it. rot: an orthogonal [head_dim, head_dim] matrix."""
+    hd, hkv, hq = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads
+    w = dict(w)
+    v = w["self_attn.v_proj.weight"].reshape(hkv, hd, -1)
+    w["self_attn.v_proj.weight"] = np.einsum("dc,hdi->hci", rot, v).reshape(hkv * hd, -1)
+    if "self_attn.v_proj.bias" in w:
+        w["self_attn.v_proj.bias"] = (w["self_attn.v_proj.bias"].reshape(hkv, hd) @ rot
+                                      ).reshape(-1)
+    o = w["self_attn.o_proj.weight"]
+    w["self_attn.o_proj.weight"] = (o.reshape(o.shape[0], hq, hd) @ rot).reshape(o.shape)
     return w
 
 
