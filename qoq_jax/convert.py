@@ -7,9 +7,14 @@
 --method qoq runs the paper's pipeline (rotation, SmoothAttention, output smoothing, channel
 reordering for groups, clipping search for per-channel, GPTQ), with the strengths of
 SmoothAttention and of the output smoothing, and the q/k_proj clipping, searched per layer as the
-paper's code does (printed per layer, stored in config.json's "quantization_report"; --no-search-*
-uses the fixed ones); rtn quantizes the same formats with no transform. Calibration text defaults to the second half of the Wikipedia summaries (evaluation
-reads from the start, so the two never overlap). The output directory is written atomically.
+paper's code does (printed per layer, stored in config.json's "quantization_report";
+--no-search-* uses the fixed ones), plus two per-head Hadamard rotations of the KV cache that
+docs/ACCURACY.md measures as the largest gains on small models: V (deepcompressor's, in place of
+v->o smoothing; --no-rotate-v) and K after RoPE (the model rotates q and k as it runs;
+--no-rotate-k). rtn quantizes the same formats with no transform. Every step can be turned on
+or off (--clip, --no-gptq, ...). Calibration text defaults to the second half of the Wikipedia
+summaries (evaluation reads from the start, so the two never overlap). The output directory is
+written atomically.
 """
 
 from __future__ import annotations
@@ -165,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grid", type=bounded_int(1, MAX_CLIP_GRID), default=80,
                    help=f"clipping-search ratios between 1.0 and 0.2 (80, at most "
                         f"{MAX_CLIP_GRID})")
-    p.add_argument("--gptq-damp", type=positive_float, default=0.01,
-                   help="GPTQ's Hessian damping, a fraction of its mean diagonal (0.01, the "
-                        "paper's; more generalizes better from a small calibration set)")
+    p.add_argument("--gptq-damp", type=positive_float, default=QuantConfig.gptq_damp,
+                   help=f"GPTQ's Hessian damping, a fraction of its mean diagonal "
+                        f"({QuantConfig.gptq_damp}; the paper's code: 0.01)")
     p.add_argument("--search-grid", type=bounded_int(2, 100), default=10,
                    help="searched (alpha, beta) candidates step by 1/N (10)")
     p.add_argument("--search-tokens", type=positive_int, default=4096,
@@ -177,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "qoq_jax.quant.config.QuantConfig)")
     for step, what in (("rotate", "Hadamard rotation of the block inputs"),
                        ("rotate-v", "per-head Hadamard on v_proj -> o_proj (V cache rotated)"),
+                       ("rotate-k", "per-head Hadamard on q and k after RoPE (K cache rotated; "
+                                    "the model does it as it runs)"),
                        ("smooth-attention", "SmoothAttention on the keys"),
                        ("smooth-out", "v_proj -> o_proj output smoothing"),
                        ("smooth-down", "up_proj -> down_proj output smoothing"),

@@ -162,3 +162,20 @@ def test_convert_cli(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 1 and "no Hugging Face checkpoint" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_flags_turn_each_step_on_and_off():
+    """--STEP / --no-STEP for every step (None: the method's default), and --gptq-damp."""
+    from qoq_jax.convert import build_parser, config_from_args
+
+    parse = lambda *a: config_from_args(build_parser().parse_args(["--out", "x", *a]))  # noqa: E731
+    assert parse() == QuantConfig()
+    q = parse("--no-clip", "--no-rotate-k", "--quantized-inputs", "--gptq-damp", "0.05",
+              "--no-search-smoothing")
+    assert not q.clip and not q.rotate_k and q.quantized_inputs and q.gptq_damp == 0.05
+    assert not q.search_smoothing and q.rotate_v and q.reorder
+    assert parse("--no-rotate-v").smooth_out  # the paper's v->o smoothing comes back
+    with pytest.raises(ValueError, match="takes no rotate_k"):
+        parse("--method", "rtn", "--rotate-k")
+    with pytest.raises(SystemExit):
+        parse("--gptq-damp", "0")

@@ -121,6 +121,43 @@ def test_smoothing_rescales_the_measured_statistics(tmp_path):
         np.testing.assert_allclose(st2.hessians[name], h, rtol=1e-4, atol=1e-5 * np.abs(h).max())
 
 
+def test_quantized_inputs_calibrate_each_layer_on_the_quantized_layers_before(tmp_path,
+                                                                            monkeypatch):
+    """quantized_inputs (GPTQ's sequential mode): layer i + 1 is calibrated on what layer i
+    computes with the W4 weights it was just given, not on its float output."""
+    from qoq_jax.quant import pipeline
+    from qoq_jax.quant.calibration import run_layer
+
+    d = make_tiny_quant_checkpoint(tmp_path / "m", "mistral", seed=4)
+    cfg = ModelConfig.from_json(d)
+    weights = dict(SafetensorsCheckpoint(d))
+    calib = np.random.default_rng(2).integers(0, cfg.vocab_size, (3, 32)).astype(np.int32)
+    calls = []
+
+    def recording(w, cfg, x, **kw):
+        y, st = run_layer(w, cfg, x, **kw)
+        calls.append((w, x, y))
+        return y, st
+
+    monkeypatch.setattr(pipeline, "run_layer", recording)
+    qcfg = QuantConfig(quantized_inputs=True, search_grid=4, search_tokens=32)
+    out, _, _ = pipeline.quantize_weights(cfg, weights, qcfg, calib, progress=False)
+    assert len(calls) == 2 * cfg.num_layers  # the statistics pass, then the quantized layer
+    for i in range(cfg.num_layers):
+        (_, x_stats, y_float), (w_q, x_q, y_q) = calls[2 * i], calls[2 * i + 1]
+        np.testing.assert_array_equal(x_q, x_stats)
+        for name in ("self_attn.q_proj", "mlp.down_proj"):  # the packed weights, dequantized
+            fields = {f: out[f"model.layers.{i}.{name}.{f}"] for f in ("qweight", "s1", "s2",
+                                                                      "szero")}
+            k = 2 * fields["qweight"].shape[1]
+            fmt = packing.W4Group(**fields, group_size=qcfg.weight_format.for_input_size(k)
+                                  .group_size)
+            np.testing.assert_allclose(w_q[name + ".weight"], packing.dequantize(fmt))
+        assert not np.allclose(y_q, y_float)
+        if i + 1 < cfg.num_layers:
+            np.testing.assert_array_equal(calls[2 * i + 2][1], y_q)  # the next layer's inputs
+
+
 def _correlated(n_tokens, k, seed):
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((k, k)) / np.sqrt(k)
@@ -200,7 +237,7 @@ def test_group_clipping_search_agrees_with_a_numpy_loop_and_lowers_the_error():
 def test_quant_config_defaults_follow_the_paper():
     g = QuantConfig(weight_format="g128")
     assert g.weight_format is WeightFormat.G128
-    assert g.reorder and not g.clip and g.gptq and (g.smooth_alpha, g.smooth_beta) == (0.3, 0.7)
+    assert g.reorder and g.clip and g.gptq and (g.smooth_alpha, g.smooth_beta) == (0.3, 0.7)
     assert g.search_smooth_attention and g.search_smoothing and not g.search_qk_clip
     pc = QuantConfig(weight_format="per-channel")
     assert pc.clip and not pc.reorder and (pc.smooth_alpha, pc.smooth_beta) == (0.05, 0.95)
@@ -353,3 +390,15 @@ def test_smooth_attention_search_agrees_with_a_numpy_loop():
         errs.append(np.sum((out - ref) ** 2))
     assert got == tuple(search.alpha_beta_grid(4)[int(np.argmin(errs))])
     assert got != (0.0, 0.0) and min(errs) < 0.5 * errs[0]  # the outlier channel is tamed
+
+
+@pytest.mark.parametrize("fmt", ["g128", "per-channel"])
+def test_ablation_ladder_ends_at_the_converter_default(fmt):
+    """docs/ACCURACY.md's ablation adds one step per row: its last row must be the recipe the
+    converter uses by default, and every row a valid recipe."""
+    from qoq_jax.eval.ablation import rows_for
+
+    rows = rows_for(fmt)
+    configs = [QuantConfig(weight_format=fmt, **overrides) for _, overrides in rows]
+    assert configs[0].method == "rtn" and configs[-1] == QuantConfig(weight_format=fmt)
+    assert len({c for c in configs}) == len(configs)  # each row changes something

@@ -6,8 +6,11 @@ Every row is W4A8KV4 through the real inference path (packed weights, INT8 activ
 except "float". Steps are added in the paper's pipeline order: rotation, SmoothAttention, output
 smoothing, reordering (groups) or clipping (per-channel), GPTQ, all with fixed strengths; then
 the searches of the paper's code one by one (SmoothAttention's and the output smoothing's
-(alpha, beta) per layer, q/k clipping on the attention output for per-channel): the last row of
-each format is the converter's default recipe. Perplexity is measured on the
+(alpha, beta) per layer, q/k clipping on the attention output for per-channel); then the per-head
+Hadamard rotations of the V cache (deepcompressor's, in place of v->o smoothing) and of the K
+cache, GPTQ's damping raised from the paper's 1% to 10% of the Hessian's mean diagonal, and
+(groups) the clipping search per group: the last row of each format is the
+converter's default recipe. Perplexity is measured on the
 Wikipedia summaries from the start (calibration draws from their second half) and on Botchan.
 """
 
@@ -18,12 +21,16 @@ import json
 import sys
 import time
 
-from qoq_jax.quant.config import SEARCHES, STEPS
+from qoq_jax.quant.config import PAPER_DAMP, SEARCHES, STEPS, QuantConfig
+
+DEFAULT_DAMP = QuantConfig.gptq_damp
 
 def rows_for(fmt: str) -> list[tuple[str, dict]]:
     """(label, QuantConfig overrides) for one weight format, each step added to the one before:
-    the paper's steps with fixed strengths first, then each search in turn (the last row is
-    the converter's default recipe)."""
+    the paper's steps with fixed strengths first, then each search of the paper's code in turn,
+    then the per-head rotation of the V cache (in place of v->o smoothing, as deepcompressor),
+    GPTQ's damping 10%, the K cache's rotation and (groups) the clipping search per group. The
+    last row is the converter's default recipe."""
     group = fmt != "per-channel"
     last = "reorder" if group else "clip"
     ladder = [("rotation", ["rotate"]), ("+ SmoothAttention", ["smooth_attention"]),
@@ -34,12 +41,35 @@ def rows_for(fmt: str) -> list[tuple[str, dict]]:
               ("+ output smoothing search", ["search_smoothing"])]
     if not group:
         ladder.append(("+ q/k clipping search", ["search_qk_clip"]))
+    ladder += [("+ V rotation (in place of v->o smoothing)", ["rotate_v", "-smooth_out"]),
+               (f"+ GPTQ damping {DEFAULT_DAMP}", ["damp"]),
+               ("+ K rotation", ["rotate_k"])]
+    if group:
+        ladder.append(("+ clipping search (per group)", ["clip"]))
     rows = [("RTN", {"method": "rtn"})]
     on: list[str] = []
     for label, steps in ladder:
-        on += steps
-        rows.append((label, {s: (s in on) for s in STEPS + SEARCHES}))
+        for step in steps:
+            if step.startswith("-"):
+                on.remove(step[1:])
+            else:
+                on.append(step)
+        damp = DEFAULT_DAMP if "damp" in on else PAPER_DAMP
+        rows.append((label, {"gptq_damp": damp, **{s: (s in on) for s in STEPS + SEARCHES}}))
     return rows
+
+
+def _recipe(text: str) -> dict:
+    from qoq_jax.quant.config import QuantConfig
+
+    try:
+        overrides = json.loads(text)
+        if not isinstance(overrides, dict):
+            raise ValueError("not a JSON object")
+        QuantConfig(**overrides)  # a bad field or value fails now, not after the float row
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return overrides
 
 
 def main(argv=None) -> int:
@@ -56,6 +86,9 @@ def main(argv=None) -> int:
                     help="only RTN and the full recipe (the last row) of each format")
     ap.add_argument("--rows", nargs="+", metavar="TEXT",
                     help="only the rows whose label contains one of these texts")
+    ap.add_argument("--recipe", nargs="+", type=_recipe, metavar="JSON",
+                    help="instead of the ladder, one row per recipe: QuantConfig fields as a "
+                         "JSON object over the defaults, e.g. '{\"rotate_k\": false}'")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -80,17 +113,19 @@ def main(argv=None) -> int:
           f"{results[0]['wiki']:.3f} | {results[0]['botchan']:.3f} |", flush=True)
     for variant in args.formats:
         rows = rows_for(variant)
-        if args.only_last:
+        if args.recipe:
+            rows = [(json.dumps(r), r) for r in args.recipe]
+        elif args.only_last:
             rows = rows[:1] + rows[-1:]
         if args.rows:
             rows = [r for r in rows if any(t in r[0] for t in args.rows)]
         for label, overrides in rows:
             t0 = time.perf_counter()
-            qcfg = QuantConfig(weight_format=variant, calib_samples=args.calib_samples,
-                               calib_seq_len=args.calib_seq_len, **overrides)
+            qcfg = QuantConfig(**{"weight_format": variant, "calib_samples": args.calib_samples,
+                                  "calib_seq_len": args.calib_seq_len, **overrides})
             llm = qoq_jax.load(args.model, dtype="float32", quantize=qcfg)
             row = {"variant": variant, "step": label, **measure(llm),
-                   "recipe": {s: getattr(qcfg, s) for s in STEPS + SEARCHES},
+                   "recipe": qcfg.to_dict(),
                    "seconds": time.perf_counter() - t0}
             results.append(row)
             print(f"| {variant} | {label} | {row['wiki']:.3f} | {row['botchan']:.3f} |",

@@ -1,5 +1,6 @@
 """GPTQ rounding for both W4 formats (Frantar et al.; as QoQ's reference code configures it:
-damping 1% of the mean Hessian diagonal, blocks of 128 columns, act-order, static groups).
+damping 1% of the mean Hessian diagonal, blocks of 128 columns, act-order, static groups; the
+pipeline passes QuantConfig.gptq_damp, 10% by default, which generalizes better).
 
 The scales and zeros are fixed first from the (clipped) float weights, exactly as round-to-
 nearest would choose them; GPTQ then picks each column's codes in order of decreasing Hessian
