@@ -57,13 +57,15 @@ def test_convert_reload_generate(tmp_path, name, method, fmt):
         assert got == (fmt if fmt == "per-channel" else "g128" if k % 128 == 0 else "g64"), layer
     assert len(report["layers"]) == c["num_hidden_layers"]
     if method == "qoq":  # the searched strengths, per layer
-        assert all({"smooth_attention", "smooth_out", "smooth_down"} <= set(x)
-                   for x in report["layers"])
+        assert all({"smooth_attention", "smooth_down"} <= set(x) for x in report["layers"])
+        assert not any("smooth_out" in x for x in report["layers"])  # V rotated instead
+        assert hf["qoq_key_rotation"] is True  # the model rotates q and k after RoPE
         assert all(("clip_q" in x) == (fmt == "per-channel") for x in report["layers"])
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial leftovers
 
     llm = qoq_jax.load(out, dtype="float32")
     assert llm.engine.kv_cache == "kv4"
+    assert llm.model.config.key_rotation == (method == "qoq")
     assert isinstance(llm.model.layers.mlp.down_proj, W4A8Linear)
     assert llm.model.lm_head is None or not isinstance(llm.model.lm_head, W4A8Linear)
     # the whole state tree survives the round trip: same paths, dtypes and values (floats as
