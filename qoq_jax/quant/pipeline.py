@@ -2,7 +2,9 @@
 
 ``quantize_weights`` walks the model one decoder layer at a time. For each layer it
 1. reads the layer's float weights (float64 for the transforms) and, with rotation on, folds
-   the RMSNorm weights and applies the Hadamard rotation;
+   the RMSNorm weights and applies the Hadamard rotation (and, with rotate_v, the per-head
+   Hadamard on v_proj -> o_proj; rotate_k changes no weight: the returned ModelConfig tells the
+   model to rotate q and k after RoPE);
 2. runs the layer once on the calibration inputs (``calibration.run_layer``): activation
    maxima, input Hessians, and the first ``search_tokens`` tokens' activations;
 3. applies SmoothAttention and the output smoothing (v->o, up->down), with strengths searched
@@ -10,10 +12,12 @@
    down_proj's inputs by lambda per channel, so their maxima and Hessians are rescaled rather
    than measured again;
 4. reorders channels (groups) and quantizes every projection: clipping (per-channel: q/k_proj
-   by the attention-output search, the others per row), then GPTQ or round-to-nearest;
+   by the attention-output search, the others per row; groups: per row and group), then GPTQ
+   or round-to-nearest;
 5. passes the layer's float outputs on as the next layer's calibration inputs (the reference
    code calibrates each block on the transformed, not yet quantized, network; the transforms
-   preserve the function, so the outputs are the transformed layer's).
+   preserve the function, so the outputs are the transformed layer's), or with
+   quantized_inputs the outputs of the layer with its new W4 weights (one more forward).
 Only one layer's weights and activations are held at a time. The result is a flat mapping of
 Hugging Face-style names to arrays: float tensors (embeddings, norms, lm_head, biases) and, per
 projection, the packed format fields (``...q_proj.qweight``, ``.s1``, ``.s2``, ``.szero`` or
