@@ -9,9 +9,9 @@ the searches of the paper's code one by one (SmoothAttention's and the output sm
 (alpha, beta) per layer, q/k clipping on the attention output for per-channel); then the per-head
 Hadamard rotations of the V cache (deepcompressor's, in place of v->o smoothing) and of the K
 cache, GPTQ's damping raised from the paper's 1% to 10% of the Hessian's mean diagonal, and
-(groups) the clipping search per group: the last row of each format is the
-converter's default recipe. Perplexity is measured on the
-Wikipedia summaries from the start (calibration draws from their second half) and on Botchan.
+(groups) the clipping search per group: the last row of each format is the converter's default
+recipe. Perplexity is measured on the Wikipedia summaries from the start (calibration draws from
+their second half) and on Botchan.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from qoq_jax.quant.config import PAPER_DAMP, SEARCHES, STEPS, QuantConfig
 
 DEFAULT_DAMP = QuantConfig.gptq_damp
+
 
 def rows_for(fmt: str) -> list[tuple[str, dict]]:
     """(label, QuantConfig overrides) for one weight format, each step added to the one before:

@@ -4,11 +4,10 @@ Frozen: what the user asked for is what the checkpoint records. Steps left at No
 method's default ("qoq": the paper's recipe (reordering for group formats, clipping for
 per-channel) with deepcompressor's per-head V rotation in place of v->o smoothing, the K cache
 rotated per head when it is KV4, and the clipping search for group formats too (each measured
-in docs/ACCURACY.md); nothing for "rtn"); an
-explicit value is kept, and one that contradicts the method
-(a transform with "rtn") is an error, not silently overridden. What the pipeline *chose* (searched
-strengths, the effective format per projection) is not the recipe: it comes back separately, as
-``pipeline.QuantReport``.
+in docs/ACCURACY.md); nothing for "rtn"); an explicit value is kept, and one that contradicts
+the method (a transform with "rtn") is an error, not silently overridden. What the pipeline
+*chose* (searched strengths, the effective format per projection) is not the recipe: it comes
+back separately, as ``pipeline.QuantReport``.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from pallas_kernels.packing import WeightFormat
 
 METHODS = ("qoq", "rtn")
 # The steps of the pipeline, in the paper's order; None = the method's default.
-STEPS = ("rotate", "rotate_v", "rotate_k", "smooth_attention", "smooth_out", "smooth_down", "reorder", "clip",
-         "gptq")
+STEPS = ("rotate", "rotate_v", "rotate_k", "smooth_attention", "smooth_out", "smooth_down",
+         "reorder", "clip", "gptq")
 SEARCHES = ("search_smooth_attention", "search_smoothing", "search_qk_clip")
 
 # Output-smoothing (alpha, beta) of the paper's code per model (qserve_spec.md section 1.12):
