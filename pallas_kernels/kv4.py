@@ -2,10 +2,16 @@
 
 Format (docs/FORMATS.md; QServe section 1.6 of qserve_spec.md): per (token, KV head), over the
 head's D channels, asymmetric UINT4 with a 16-bit scale and a 16-bit (non-integer) zero:
-    scale = fp16((max - min) / 15)            (1 when max == min)
-    zero  = fp16(-min / scale)                (= -15 min / (max - min), in code units)
+    scale = fp16((hi - lo) / 15)              (1 when hi == lo)
+    zero  = fp16(-lo / scale)                 (= -15 lo / (hi - lo), in code units)
     q     = clamp(round_half_even(x / scale + zero), 0, 15)
     x_hat = (q - zero) * scale
+QServe takes [lo, hi] = [min, max] of the row. Ours searches the range as it writes: the row's
+[min, max] shrunk about its midpoint by each ratio r of ``RANGE_RATIOS`` (1.0 first, QServe's
+range), and the candidate whose x_hat is closest to x (squared error; the first wins ties) is
+stored. Clipping a few outliers buys a finer step for the rest: on the default model it lowers
+the perplexity of the KV4 cache on held-out text by 0.66 (docs/ACCURACY.md). The stored format
+and the attention kernels are unchanged; ``ratios=(1.0,)`` is QServe's quantizer.
 Keys are quantized after RoPE. Pools, one per model for each of K and V (all layers):
     codes  uint8   [L, num_pages, Hkv, page_size, D/2]   byte d: channel d (low nibble) and
                                                          channel d + D/2 (high nibble)
@@ -33,8 +39,12 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels._common import round_half_even, use_pallas
 
 
+# The candidate ranges of a row: [min, max] shrunk about the midpoint by r (1.0 = QServe's).
+RANGE_RATIOS: tuple[float, ...] = tuple(1.0 - i / 40 for i in range(21))  # 1.0, 0.975, .., 0.5
+
+
 def _scale_zero(mx: jax.Array, mn: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """fp16 scale and zero from a row's max/min (float32), degenerate rows included."""
+    """fp16 scale and zero from a row's range [mn, mx] (float32), degenerate rows included."""
     rng = mx - mn
     scale = jnp.where(rng > 0, rng / 15.0, 1.0).astype(jnp.float16)
     zero = (-mn / scale.astype(jnp.float32)).astype(jnp.float16)
@@ -47,13 +57,39 @@ def _codes(x: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
     return jnp.clip(round_half_even(x * inv + zero.astype(jnp.float32)), 0.0, 15.0)
 
 
-def quantize_kv4(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [..., D] float -> (codes uint8 [..., D/2], scale fp16 [...], zero fp16 [...])."""
+def _searched_scale_zero(parts, ratios, row_max, row_min, row_sum):
+    """fp16 (scale, zero) of the candidate range with the smallest squared error over a row
+    given as `parts` (float32 arrays; the row is all of them together). row_max/min/sum reduce
+    one part over the row's axis, keeping what broadcasts back against it, so one definition
+    serves the XLA reference ([..., D] rows) and the kernel (two [D/2] halves)."""
+    mx = functools.reduce(jnp.maximum, [row_max(p) for p in parts])
+    mn = functools.reduce(jnp.minimum, [row_min(p) for p in parts])
+    mid, half_range = (mx + mn) * 0.5, (mx - mn) * 0.5
+    best = None
+    for r in ratios:  # static: unrolled, a handful of elementwise passes over D values
+        scale, zero = (_scale_zero(mx, mn) if r == 1.0 else
+                       _scale_zero(mid + half_range * r, mid - half_range * r))
+        s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
+        err = sum(row_sum(jnp.square((_codes(p, scale, zero) - z32) * s32 - p)) for p in parts)
+        if best is None:
+            best = (err, scale, zero)
+        else:
+            better = err < best[0]
+            best = tuple(jnp.where(better, a, b) for a, b in zip((err, scale, zero), best))
+    return best[1], best[2]
+
+
+def quantize_kv4(x: jax.Array, ratios: tuple[float, ...] = RANGE_RATIOS
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [..., D] float -> (codes uint8 [..., D/2], scale fp16 [...], zero fp16 [...]), the
+    range searched over `ratios` (see the module docstring)."""
     x = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    scale, zero = _scale_zero(x.max(axis=-1), x.min(axis=-1))
-    q = _codes(x, scale[..., None], zero[..., None]).astype(jnp.uint8)
-    return q[..., :half] | (q[..., half:] << 4), scale, zero
+    scale, zero = _searched_scale_zero(
+        (x,), ratios, lambda p: p.max(axis=-1, keepdims=True),
+        lambda p: p.min(axis=-1, keepdims=True), lambda p: p.sum(axis=-1, keepdims=True))
+    q = _codes(x, scale, zero).astype(jnp.uint8)
+    return q[..., :half] | (q[..., half:] << 4), scale[..., 0], zero[..., 0]
 
 
 def dequantize_kv4(codes: jax.Array, scale: jax.Array, zero: jax.Array,
@@ -81,12 +117,12 @@ def _rope_f32(k, cos, sin):
 # XLA reference
 
 
-def kv4_write_xla(pools, layer, k, v, cos, sin, page, slot):
+def kv4_write_xla(pools, layer, k, v, cos, sin, page, slot, ratios=RANGE_RATIOS):
     """pools = (kq, ks, kz, vq, vs, vz); k/v [B, T, Hkv, D] (k before RoPE); cos/sin [B, T, D/2];
     page/slot [B, T] int32; layer: int32 scalar. Returns the updated pools."""
     kq, ks, kz, vq, vs, vz = pools
-    k_codes, k_scale, k_zero = quantize_kv4(_rope_f32(k, cos, sin))
-    v_codes, v_scale, v_zero = quantize_kv4(v)
+    k_codes, k_scale, k_zero = quantize_kv4(_rope_f32(k, cos, sin), ratios)
+    v_codes, v_scale, v_zero = quantize_kv4(v, ratios)
     # (layer, page, :, slot) indexing puts the [B, T] dims first: values are [B, T, Hkv, ...].
     at = (layer, page, slice(None), slot)
     return (kq.at[at].set(k_codes), ks.at[at].set(k_scale), kz.at[at].set(k_zero),
@@ -99,7 +135,8 @@ def kv4_write_xla(pools, layer, k, v, cos, sin, page, slot):
 
 def _write_kernel(k_ref, v_ref, cos_ref, sin_ref, page_ref, slot_ref, layer_ref,
                   kq_in, ks_in, kz_in, vq_in, vs_in, vz_in,
-                  kq_ref, ks_ref, kz_ref, vq_ref, vs_ref, vz_ref, *, half: int):
+                  kq_ref, ks_ref, kz_ref, vq_ref, vs_ref, vz_ref, *, half: int,
+                  ratios: tuple[float, ...]):
     del kq_in, ks_in, kz_in, vq_in, vs_in, vz_in  # aliased to the outputs
     h = pl.program_id(1)
     page, slot, layer = page_ref[0], slot_ref[0], layer_ref[0]
@@ -108,7 +145,7 @@ def _write_kernel(k_ref, v_ref, cos_ref, sin_ref, page_ref, slot_ref, layer_ref,
     lo, hi = rope_halves(lo, hi, cos_ref[...], sin_ref[...])
 
     def put(lo, hi, q_ref, s_ref, z_ref):
-        scale, zero = _scale_zero(jnp.maximum(lo.max(), hi.max()), jnp.minimum(lo.min(), hi.min()))
+        scale, zero = _searched_scale_zero((lo, hi), ratios, jnp.max, jnp.min, jnp.sum)
         q_lo = _codes(lo, scale, zero).astype(jnp.int32)
         q_hi = _codes(hi, scale, zero).astype(jnp.int32)
         q_ref[layer, page, h, slot, :] = (q_lo | (q_hi << 4)).astype(jnp.uint8)
@@ -120,14 +157,15 @@ def _write_kernel(k_ref, v_ref, cos_ref, sin_ref, page_ref, slot_ref, layer_ref,
         vq_ref, vs_ref, vz_ref)
 
 
-def kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, *, interpret: bool = False):
+def kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, *, interpret: bool = False,
+                     ratios: tuple[float, ...] = RANGE_RATIOS):
     b, t, hkv, d = k.shape
     half = d // 2
     n = b * t
     token = lambda i, h: (i, h, 0)  # noqa: E731
     scalar = pl.BlockSpec((1,), lambda i, h: (i,))
     whole = pl.BlockSpec(memory_space=pl.ANY)
-    kernel = functools.partial(_write_kernel, half=half)
+    kernel = functools.partial(_write_kernel, half=half, ratios=tuple(ratios))
     return tuple(pl.pallas_call(
         kernel,
         grid=(n, hkv),
@@ -147,10 +185,14 @@ def kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, *, interpret: boo
 
 
 def kv4_write(pools, layer, k, v, cos, sin, page, slot, *, backend: str = "auto",
-              interpret: bool = False):
-    """Fused RoPE(k) + KV4 quantization of k and v + paged write (see the module docstring)."""
+              interpret: bool = False, ratios: tuple[float, ...] = RANGE_RATIOS):
+    """Fused RoPE(k) + KV4 quantization of k and v + paged write (see the module docstring);
+    ratios: the candidate ranges ((1.0,): QServe's min/max quantizer)."""
     if k.shape != v.shape or k.shape[-1] % 2:
         raise ValueError(f"k {k.shape} and v {v.shape} must match, with an even head_dim")
+    if not ratios or ratios[0] != 1.0 or not all(0 < r <= 1 for r in ratios):
+        raise ValueError(f"ratios must start at 1.0 and lie in (0, 1], got {ratios}")
     if use_pallas(backend, interpret):
-        return kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, interpret=interpret)
-    return kv4_write_xla(pools, layer, k, v, cos, sin, page, slot)
+        return kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, interpret=interpret,
+                                ratios=ratios)
+    return kv4_write_xla(pools, layer, k, v, cos, sin, page, slot, ratios)

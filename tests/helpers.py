@@ -219,3 +219,34 @@ def write_text(path: Path, n_words: int = 4000, seed: int = 0) -> Path:
              "seven", "tokens", "attention", "small", "bright", "quiet", "paper", "kernel"]
     path.write_text(" ".join(rng.choice(words, n_words)))
     return path
+
+
+def numpy_kv4(x, ratios=None):
+    """Independent NumPy reference of the KV4 quantizer (pallas_kernels/kv4.py): per row, each
+    candidate range [mid - r h, mid + r h] (mid, h: the row's midpoint and half range) gives an
+    fp16 scale and zero and half-even rounded codes; the first candidate with the smallest
+    squared error wins. ratios None: the kernel's RANGE_RATIOS; (1.0,): QServe's min/max.
+    Returns codes uint8 [..., D], scale fp16, zero fp16 [...], x_hat float32 [..., D]."""
+    if ratios is None:
+        from pallas_kernels.kv4 import RANGE_RATIOS as ratios
+    x = np.asarray(x, np.float32)
+    mx, mn = x.max(-1), x.min(-1)
+    mid, half = (mx + mn) * np.float32(0.5), (mx - mn) * np.float32(0.5)
+    best = None
+    for r in ratios:
+        hi, lo = (mx, mn) if r == 1.0 else (mid + half * np.float32(r), mid - half * np.float32(r))
+        rng = hi - lo
+        scale = np.where(rng > 0, rng / np.float32(15), 1).astype(np.float16)
+        zero = (-lo / scale.astype(np.float32)).astype(np.float16)
+        s, z = scale.astype(np.float32)[..., None], zero.astype(np.float32)[..., None]
+        q = np.clip(np.rint(x * (1 / s) + z), 0, 15)
+        xhat = (q - z) * s
+        err = np.square(xhat - x).sum(-1)
+        if best is None:
+            best = [q, scale, zero, xhat, err]
+            continue
+        better = err < best[4]
+        for i, new in enumerate((q, scale, zero, xhat, err)):
+            cond = better[..., None] if new.ndim == x.ndim else better
+            best[i] = np.where(cond, new, best[i])
+    return best[0].astype(np.uint8), best[1], best[2], best[3]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY_CONFIGS, make_tiny_checkpoint, make_tiny_quant_checkpoint
+from helpers import TINY_CONFIGS, make_tiny_checkpoint, make_tiny_quant_checkpoint, numpy_kv4
 
 from pallas_kernels import packing
 from pallas_kernels.packing import WeightFormat
@@ -361,13 +361,6 @@ def _np_causal_attention(q, k, v):
     return np.einsum("shqk,skhd->sqhd", p / p.sum(-1, keepdims=True), v)
 
 
-def _np_kv4(x):
-    mx, mn = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
-    s = np.where(mx - mn > 0, (mx - mn) / 15, 1).astype(np.float16).astype(np.float32)
-    z = (-mn / s).astype(np.float16).astype(np.float32)
-    return (np.clip(np.rint(x / s + z), 0, 15) - z) * s
-
-
 def test_smooth_attention_search_agrees_with_a_numpy_loop():
     from qoq_jax.quant import search, transforms
 
@@ -386,10 +379,34 @@ def test_smooth_attention_search_agrees_with_a_numpy_loop():
     errs = []
     for a, b in search.alpha_beta_grid(4):
         lam = transforms.attention_lambda(k_span, q_span, cfg, a, b).astype(np.float32)
-        out = _np_causal_attention(q * np.repeat(lam, cfg.q_per_kv, axis=0), _np_kv4(k / lam), v)
+        out = _np_causal_attention(q * np.repeat(lam, cfg.q_per_kv, axis=0), numpy_kv4(k / lam)[3], v)
         errs.append(np.sum((out - ref) ** 2))
     assert got == tuple(search.alpha_beta_grid(4)[int(np.argmin(errs))])
     assert got != (0.0, 0.0) and min(errs) < 0.5 * errs[0]  # the outlier channel is tamed
+
+
+def test_coarse_to_fine_finds_the_grid_minimum_with_a_third_of_the_scores():
+    """The q/k clipping search scores 81 ratios coarse to fine: on any error curve with one dip
+    (the minimum anywhere, edges included) it must pick the exhaustive grid's minimum."""
+    from qoq_jax.quant.clipping import clip_ratios
+    from qoq_jax.quant.search import coarse_to_fine
+
+    ratios = clip_ratios(80, 0.2).astype(np.float32)
+    for target in [*range(0, 81, 7), 80, 1, 79]:
+        scored = []
+
+        def errors_of(rs, t=target):
+            scored.extend(rs.tolist())
+            return (rs - ratios[t]) ** 2 + 0.1 * np.abs(rs - ratios[t])
+
+        assert coarse_to_fine(errors_of, ratios, stride=5) == ratios[target]
+        assert len(scored) <= 25  # 17 coarse + 8 fine, instead of 81
+    # ties go to the larger ratio (less clipping); stride 1 is the exhaustive search
+    assert coarse_to_fine(lambda rs: np.zeros(len(rs)), ratios, stride=5) == 1.0
+    noisy = np.random.default_rng(0).standard_normal(81)
+    lookup = {float(r): e for r, e in zip(ratios, noisy)}
+    assert coarse_to_fine(lambda rs: np.array([lookup[float(r)] for r in rs]), ratios,
+                          stride=1) == ratios[int(np.argmin(noisy))]
 
 
 @pytest.mark.parametrize("fmt", ["g128", "per-channel"])
