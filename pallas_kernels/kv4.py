@@ -9,8 +9,8 @@ head's D channels, asymmetric UINT4 with a 16-bit scale and a 16-bit (non-intege
 QServe takes [lo, hi] = [min, max] of the row. Ours searches the range as it writes: the row's
 [min, max] shrunk about its midpoint by each ratio r of ``RANGE_RATIOS`` (1.0 first, QServe's
 range), and the candidate whose x_hat is closest to x (squared error; the first wins ties) is
-stored. Clipping a few outliers buys a finer step for the rest: on the default model it lowers
-the perplexity of the KV4 cache on held-out text by 0.66 (docs/ACCURACY.md). The stored format
+stored. Clipping a few outliers buys a finer step for the rest (on the default model the
+keys' error is most of what KV4 costs; docs/ACCURACY.md measures the gain). The stored format
 and the attention kernels are unchanged; ``ratios=(1.0,)`` is QServe's quantizer.
 Keys are quantized after RoPE. Pools, one per model for each of K and V (all layers):
     codes  uint8   [L, num_pages, Hkv, page_size, D/2]   byte d: channel d (low nibble) and

@@ -169,7 +169,7 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
     one all-reduce per attention block and per MLP); weights are read straight into their
     shards. Across hosts, call jax.distributed.initialize() first (every process runs the
     same program); the devices of all processes form the mesh.
-    Engine keywords (kv_cache="16bit" | "kv4", page_size,
+    Engine keywords (kv_cache="16bit" | "kv4" | "kv4-minmax", page_size,
     max_slots, num_pages, kv_memory, ...: see EngineConfig) pass through.
     """
     from pallas_kernels import resolve_gemm_backend

@@ -91,7 +91,7 @@ class TokenEvent:
 class EngineConfig:
     """Engine limits. None picks a default for the backend (CPU / GPU)."""
 
-    kv_cache: str = "16bit"  # "16bit" | "kv4"
+    kv_cache: str = "16bit"  # "16bit" | "kv4" | "kv4-minmax" (QServe's KV4 quantizer)
     page_size: int = 16
     max_slots: int | None = None  # concurrent sequences (decode rows); CPU 16, GPU 128
     num_pages: int | None = None  # KV-cache pages; default: what kv_memory holds

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (engine slots; default 16 on CPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--kv-cache", choices=["16bit", "kv4"],
+    p.add_argument("--kv-cache", choices=["16bit", "kv4", "kv4-minmax"],
                    help="KV cache format: 16-bit, or QServe's 4-bit KV4 (default: kv4 for "
-                        "quantized models, 16bit otherwise)")
+                        "quantized models, 16bit otherwise; kv4-minmax: KV4 with QServe's "
+                        "min/max range per row instead of the searched one)")
     p.add_argument("--quantize", choices=["qoq", "rtn"],
                    help="quantize a float model to W4A8KV4 on the fly (small calibration set; "
                         "convert_hf_checkpoint makes a reusable checkpoint)")

@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.kv4 import kv4_write
+from pallas_kernels.kv4 import RANGE_RATIOS, kv4_write
 from pallas_kernels.paged_attention import paged_attention
 from qoq_jax.layers import apply_rope
 
 SCRATCH_PAGE = 0
-KV_CACHE_KINDS = ("16bit", "kv4")
+KV_CACHE_KINDS = ("16bit", "kv4", "kv4-minmax")
 
 
 class _PagePools:
@@ -76,7 +76,10 @@ class PagedKVCache(_PagePools):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PagedKV4Cache(_PagePools):
-    """KV4 pools: codes uint8 [L, N, Hkv, P, D/2], scale/zero fp16 [L, N, Hkv, P] (kv4.py)."""
+    """KV4 pools: codes uint8 [L, N, Hkv, P, D/2], scale/zero fp16 [L, N, Hkv, P] (kv4.py).
+    Each row's range is searched as it is written (kv4.RANGE_RATIOS)."""
+
+    range_ratios = RANGE_RATIOS  # a class constant, not a pytree field
 
     k: jax.Array
     k_scale: jax.Array
@@ -101,7 +104,8 @@ class PagedKV4Cache(_PagePools):
 
     def write(self, layer, k, v, cos, sin, page, slot) -> "PagedKV4Cache":
         """Fused RoPE + KV4 quantization + paged write (one kernel on a GPU)."""
-        return PagedKV4Cache(*kv4_write(self._pools(), layer, k, v, cos, sin, page, slot))
+        return type(self)(*kv4_write(self._pools(), layer, k, v, cos, sin, page, slot,
+                                     ratios=self.range_ratios))
 
     def attention(self, q, layer, page_table, start, kv_lens, splits: int = 1):
         return paged_attention(q, self.k, self.v, layer, page_table, start, kv_lens,
@@ -114,10 +118,25 @@ class PagedKV4Cache(_PagePools):
         return 2 * num_layers * num_kv_heads * (head_dim // 2 + 4)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKV4MinMaxCache(PagedKV4Cache):
+    """The same pools, each row quantized over its [min, max] (QServe's KV4 quantizer, for
+    comparison: docs/ACCURACY.md)."""
+
+    range_ratios = (1.0,)
+
+
 def cache_class(kind: str) -> type:
     if kind not in KV_CACHE_KINDS:
         raise ValueError(f"KV cache kind must be one of {KV_CACHE_KINDS}, not {kind!r}")
-    return PagedKV4Cache if kind == "kv4" else PagedKVCache
+    return {"16bit": PagedKVCache, "kv4": PagedKV4Cache, "kv4-minmax": PagedKV4MinMaxCache}[kind]
+
+
+def kv_range_ratios(kind: str) -> tuple[float, ...]:
+    """The KV4 quantizer's candidate ranges of a cache kind (what the quantization searches
+    score keys with; a 16-bit cache: those of "kv4")."""
+    return getattr(cache_class(kind), "range_ratios", RANGE_RATIOS)
 
 
 def make_cache(kind: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,

@@ -525,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--kv-cache", choices=["16bit", "kv4"],
-                   help="KV cache format (default: kv4 for quantized models, 16bit otherwise)")
+    p.add_argument("--kv-cache", choices=["16bit", "kv4", "kv4-minmax"],
+                   help="KV cache format (default: kv4 for quantized models, 16bit otherwise; "
+                        "kv4-minmax: KV4 with QServe's min/max range per row)")
     p.add_argument("--quantize", choices=["qoq", "rtn"],
                    help="quantize a float model to W4A8KV4 at start-up (small calibration set; "
                         "convert_hf_checkpoint makes a reusable checkpoint)")

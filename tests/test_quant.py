@@ -246,6 +246,9 @@ def test_quant_config_defaults_follow_the_paper():
     assert g.rotate_v and g.rotate_k and not g.smooth_out and g.smooth_down
     assert pc.rotate_v and pc.rotate_k and not pc.smooth_out
     assert not QuantConfig(kv_cache="16bit").rotate_k
+    assert QuantConfig(kv_cache="kv4-minmax").rotate_k  # QServe's KV4 quantizer, same cache
+    with pytest.raises(ValueError, match="kv_cache must be 'kv4', 'kv4-minmax' or '16bit'"):
+        QuantConfig(kv_cache="kv8")
     assert QuantConfig(rotate_v=False).smooth_out  # the paper's v->o smoothing comes back
     rtn = QuantConfig(method="rtn")
     assert not (rtn.rotate or rtn.rotate_v or rtn.rotate_k or rtn.smooth_attention or rtn.gptq

@@ -8,9 +8,10 @@ smoothing, reordering (groups) or clipping (per-channel), GPTQ, all with fixed s
 the searches of the paper's code one by one (SmoothAttention's and the output smoothing's
 (alpha, beta) per layer, q/k clipping on the attention output for per-channel); then the per-head
 Hadamard rotations of the V cache (deepcompressor's, in place of v->o smoothing) and of the K
-cache, GPTQ's damping raised from the paper's 1% to 10% of the Hessian's mean diagonal, and
-(groups) the clipping search per group: the last row of each format is the converter's default
-recipe. Perplexity is measured on the Wikipedia summaries from the start (calibration draws from
+cache, GPTQ's damping raised from the paper's 1% to 10% of the Hessian's mean diagonal,
+(groups) the clipping search per group, and the KV4 quantizer's range search (every row before
+it, RTN included, quantizes K/V over each row's min/max, as QServe: kv_cache "kv4-minmax"): the
+last row of each format is the converter's default recipe. Perplexity is measured on the Wikipedia summaries from the start (calibration draws from
 their second half) and on Botchan.
 """
 
@@ -30,8 +31,9 @@ def rows_for(fmt: str) -> list[tuple[str, dict]]:
     """(label, QuantConfig overrides) for one weight format, each step added to the one before:
     the paper's steps with fixed strengths first, then each search of the paper's code in turn,
     then the per-head rotation of the V cache (in place of v->o smoothing, as deepcompressor),
-    GPTQ's damping 10%, the K cache's rotation and (groups) the clipping search per group. The
-    last row is the converter's default recipe."""
+    GPTQ's damping 10%, the K cache's rotation, (groups) the clipping search per group and the
+    KV4 range search (before it: QServe's min/max KV4 quantizer). The last row is the
+    converter's default recipe."""
     group = fmt != "per-channel"
     last = "reorder" if group else "clip"
     ladder = [("rotation", ["rotate"]), ("+ SmoothAttention", ["smooth_attention"]),
@@ -47,7 +49,9 @@ def rows_for(fmt: str) -> list[tuple[str, dict]]:
                ("+ K rotation", ["rotate_k"])]
     if group:
         ladder.append(("+ clipping search (per group)", ["clip"]))
-    rows = [("RTN", {"method": "rtn"})]
+    ladder.append(("+ KV4 range search", ["kv4_range"]))
+    minmax = {"kv_cache": "kv4-minmax"}
+    rows = [("RTN", {"method": "rtn", **minmax})]
     on: list[str] = []
     for label, steps in ladder:
         for step in steps:
@@ -56,7 +60,9 @@ def rows_for(fmt: str) -> list[tuple[str, dict]]:
             else:
                 on.append(step)
         damp = DEFAULT_DAMP if "damp" in on else PAPER_DAMP
-        rows.append((label, {"gptq_damp": damp, **{s: (s in on) for s in STEPS + SEARCHES}}))
+        kv = {} if "kv4_range" in on else minmax
+        rows.append((label, {"gptq_damp": damp, **kv,
+                             **{s: (s in on) for s in STEPS + SEARCHES}}))
     return rows
 
 

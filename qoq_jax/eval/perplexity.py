@@ -72,8 +72,9 @@ def main(argv=None) -> int:
                     help="tokens per window (default 2048)")
     ap.add_argument("--max-windows", type=positive_int, help="evaluate only the first N windows")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--kv-cache", choices=["16bit", "kv4"],
-                    help="default: kv4 for quantized checkpoints, 16bit otherwise")
+    ap.add_argument("--kv-cache", choices=["16bit", "kv4", "kv4-minmax"],
+                    help="default: kv4 for quantized checkpoints, 16bit otherwise (kv4-minmax: "
+                         "KV4 with QServe's min/max range per row instead of the searched one)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
 

@@ -45,7 +45,7 @@ PAPER_DAMP = 0.01  # GPTQ damping of the paper's code (qserve_spec.md section 1.
 class QuantConfig:
     method: str = "qoq"
     weight_format: WeightFormat = WeightFormat.G128  # also accepts "g64", "per-channel", -1/128/64
-    kv_cache: str = "kv4"
+    kv_cache: str = "kv4"  # the cache the model is served with: "kv4", "kv4-minmax", "16bit"
     rotate: bool | None = None  # block input rotation (Hadamard), norms folded first
     smooth_attention: bool | None = None  # SmoothAttention on post-RoPE keys
     smooth_attention_alpha: float = 0.5  # the fixed strength (when not searched)
@@ -96,7 +96,7 @@ class QuantConfig:
             defaults = dict.fromkeys(STEPS + SEARCHES[:2], False)
         else:
             rotate_v = True if self.rotate_v is None else self.rotate_v
-            defaults = dict(rotate=True, rotate_v=rotate_v, rotate_k=self.kv_cache == "kv4",
+            defaults = dict(rotate=True, rotate_v=rotate_v, rotate_k=self.kv_cache.startswith("kv4"),
                             smooth_attention=True, smooth_out=not rotate_v, smooth_down=True,
                             reorder=group, clip=True, gptq=True,
                             search_smooth_attention=True, search_smoothing=True)
@@ -118,8 +118,9 @@ class QuantConfig:
             raise ValueError("gptq_damp must be > 0 (a fraction of the Hessian's mean diagonal)")
         if self.search_grid < 2 or self.search_tokens < 1:
             raise ValueError("search_grid must be >= 2 and search_tokens >= 1")
-        if self.kv_cache not in ("kv4", "16bit"):
-            raise ValueError(f"kv_cache must be 'kv4' or '16bit', not {self.kv_cache!r}")
+        if self.kv_cache not in ("kv4", "kv4-minmax", "16bit"):
+            raise ValueError(f"kv_cache must be 'kv4', 'kv4-minmax' or '16bit', "
+                             f"not {self.kv_cache!r}")
 
     @property
     def needs_calibration(self) -> bool:

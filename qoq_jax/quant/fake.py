@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.kv4 import dequantize_kv4, quantize_kv4
+from pallas_kernels.kv4 import RANGE_RATIOS, dequantize_kv4, quantize_kv4
 from pallas_kernels.packing import PROTECTIVE_RANGE, WeightFormat
 from pallas_kernels.quantize import quantize_per_token
 from qoq_jax.quant.hadamard import rotation_matrix
@@ -71,10 +71,12 @@ def int8_per_token(x: jax.Array) -> jax.Array:
     return y.reshape(x.shape)
 
 
-def kv4(x: jax.Array, rotated: bool = False) -> jax.Array:
+def kv4(x: jax.Array, rotated: bool = False,
+        ratios: tuple[float, ...] = RANGE_RATIOS) -> jax.Array:
     """x [..., D] (one token and head per row) -> its KV4 values. rotated: the cache stores x
-    rotated by the head's Hadamard (ModelConfig.key_rotation); the values come back unrotated."""
+    rotated by the head's Hadamard (ModelConfig.key_rotation); the values come back unrotated.
+    ratios: the quantizer's candidate ranges (the cache's ``range_ratios``)."""
     if not rotated:
-        return dequantize_kv4(*quantize_kv4(x))
+        return dequantize_kv4(*quantize_kv4(x, ratios))
     r = jnp.asarray(rotation_matrix(x.shape[-1]), jnp.float32)
-    return dequantize_kv4(*quantize_kv4(x.astype(jnp.float32) @ r)) @ r.T
+    return dequantize_kv4(*quantize_kv4(x.astype(jnp.float32) @ r, ratios)) @ r.T

@@ -35,6 +35,7 @@ import numpy as np
 
 from pallas_kernels import packing
 from qoq_jax.config import ModelConfig
+from qoq_jax.kv_cache import kv_range_ratios
 from qoq_jax.quant import gptq, search, transforms
 from qoq_jax.quant.calibration import HESSIAN_OF, LINEAR_NAMES, run_layer
 from qoq_jax.quant.clipping import clip_ratios, search_group, search_per_channel
@@ -161,7 +162,8 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
     if qcfg.smooth_attention:
         if qcfg.search_smooth_attention:
             alpha, beta = search.search_smooth_attention(cap, stats.k_absmax, stats.q_absmax,
-                                                         _served(cfg, qcfg), steps)
+                                                         _served(cfg, qcfg), steps,
+                                                         kv_range_ratios(qcfg.kv_cache))
             choices["smooth_attention"] = (alpha, beta)
         else:
             alpha, beta = qcfg.smooth_attention_alpha, 0.0
@@ -257,7 +259,8 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
         w, prefix = layer.weights, f"model.layers.{layer.index}."
         ratio_of = {}
         if qcfg.search_qk_clip and layer.qkv_input is not None:
-            rq, rk = search.search_qk_clipping(layer.qkv_input, w, _served(cfg, qcfg), ratios)
+            rq, rk = search.search_qk_clipping(layer.qkv_input, w, _served(cfg, qcfg), ratios,
+                                               kv_ratios=kv_range_ratios(qcfg.kv_cache))
             ratio_of = {"self_attn.q_proj": rq, "self_attn.k_proj": rk}
             layer.choices["clip_q"], layer.choices["clip_k"] = rq, rk
         report.layers.append(layer.choices)

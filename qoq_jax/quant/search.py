@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels.kv4 import RANGE_RATIOS
 from pallas_kernels.packing import WeightFormat
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.layers import apply_rope, rope_cos_sin
@@ -60,28 +61,30 @@ def _sq_err(a: jax.Array, b: jax.Array) -> jax.Array:
 # SmoothAttention
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _smooth_attention_errors(q, k, v, k_span, q_span, grid, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "kv_ratios"))
+def _smooth_attention_errors(q, k, v, k_span, q_span, grid, cfg: ModelConfig, kv_ratios):
     ref = causal_attention(q, k, v)
     g = cfg.q_per_kv
 
     def err(ab):
         lam = attention_lambda(k_span, q_span, cfg, ab[0], ab[1], xp=jnp)  # [Hkv, D]
         q_s = q * jnp.repeat(lam, g, axis=0)
-        k_s = fake.kv4(k / lam, cfg.key_rotation)
+        k_s = fake.kv4(k / lam, cfg.key_rotation, kv_ratios)
         return _sq_err(causal_attention(q_s, k_s, v), ref)
 
     return lax.map(err, grid)
 
 
 def search_smooth_attention(captured: dict, k_span: np.ndarray, q_span: np.ndarray,
-                            cfg: ModelConfig, steps: int) -> tuple[float, float]:
-    """The (alpha, beta) of SmoothAttention with the smallest attention-output error."""
+                            cfg: ModelConfig, steps: int,
+                            kv_ratios: tuple[float, ...] = RANGE_RATIOS) -> tuple[float, float]:
+    """The (alpha, beta) of SmoothAttention with the smallest attention-output error (keys in
+    KV4 with the cache's candidate ranges `kv_ratios`)."""
     grid = alpha_beta_grid(steps)
     errs = np.asarray(_smooth_attention_errors(
         jnp.asarray(captured["q"]), jnp.asarray(captured["k"]), jnp.asarray(captured["v"]),
         jnp.asarray(k_span, jnp.float32), jnp.asarray(q_span, jnp.float32),
-        jnp.asarray(grid, jnp.float32), cfg))
+        jnp.asarray(grid, jnp.float32), cfg, tuple(kv_ratios)))
     return tuple(float(x) for x in grid[int(np.argmin(errs))])
 
 
@@ -123,8 +126,9 @@ def _project(h, w, b, heads, hd):
     return y.reshape(*h.shape[:-1], heads, hd)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "which"))
-def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, ratio_other, ratios, cfg: ModelConfig, which: str):
+@functools.partial(jax.jit, static_argnames=("cfg", "which", "kv_ratios"))
+def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, ratio_other, ratios, cfg: ModelConfig, which: str,
+                    kv_ratios):
     s, t, _ = h.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cos, sin = rope_cos_sin(jnp.arange(t)[None, :], rope_inv_freq(cfg))
@@ -139,7 +143,7 @@ def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, ratio_other, ratios, cfg: ModelCo
 
     def k_of(r):
         return fake.kv4(apply_rope(_project(hq8, fake.w4_per_channel(wk, r), bk, hkv, hd),
-                                   cos, sin), cfg.key_rotation)
+                                   cos, sin), cfg.key_rotation, kv_ratios)
 
     def err(r):
         if which == "q":
@@ -168,9 +172,11 @@ def coarse_to_fine(errors_of: Callable[[np.ndarray], np.ndarray], ratios: np.nda
 
 
 def search_qk_clipping(h: np.ndarray, w: dict, cfg: ModelConfig, ratios: np.ndarray,
-                       stride: int = 5) -> tuple[float, float]:
+                       stride: int = 5, kv_ratios: tuple[float, ...] = RANGE_RATIOS
+                       ) -> tuple[float, float]:
     """(ratio for q_proj, ratio for k_proj): q first with k unclipped, then k given q, each
-    coarse to fine over `ratios` (stride 1: every ratio)."""
+    coarse to fine over `ratios` (stride 1: every ratio); keys in KV4 with the cache's
+    candidate ranges `kv_ratios`."""
     f32 = lambda name: None if name not in w else jnp.asarray(w[name], jnp.float32)  # noqa: E731
     args = [jnp.asarray(h, jnp.float32)]
     for p in ("q", "k", "v"):
@@ -178,7 +184,8 @@ def search_qk_clipping(h: np.ndarray, w: dict, cfg: ModelConfig, ratios: np.ndar
     ratios = np.asarray(ratios, np.float32)
 
     def errors(other: float, which: str):
-        return lambda rs: _qk_clip_errors(*args, other, jnp.asarray(rs), cfg, which)
+        return lambda rs: _qk_clip_errors(*args, other, jnp.asarray(rs), cfg, which,
+                                          tuple(kv_ratios))
 
     rq = coarse_to_fine(errors(1.0, "q"), ratios, stride)
     rk = coarse_to_fine(errors(rq, "k"), ratios, stride)
