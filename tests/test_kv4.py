@@ -77,3 +77,25 @@ def test_fused_write_lowers_for_h100():
     text = lower_for_h100(lambda p, k, v, c, s, pg, sl: kv4_write(
         p, jnp.int32(1), k, v, c, s, pg, sl, backend="pallas"), pools, k, k, cs, cs, idx, idx)
     assert TRITON_CALL in text
+
+
+def test_diagnosis_script_quantizers_agree_with_the_kernel_formats():
+    """scripts/kv4_diagnosis.py's quantizers (docs/ACCURACY.md's KV4 table): "searched" and
+    "minmax" are the two cache kinds' quantizers, "search:0.5:21" re-derives the searched one
+    and "clip:1.0" the min/max one."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("kv4_diagnosis",
+                                                  REPO / "scripts" / "kv4_diagnosis.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    x = np.random.default_rng(9).standard_normal((40, 3, 64)).astype(np.float32) ** 3
+    run = lambda name: np.asarray(diag.quantizer(name)(jnp.asarray(x)))  # noqa: E731
+    np.testing.assert_allclose(run("searched"), numpy_kv4(x)[3], atol=1e-6)
+    np.testing.assert_allclose(run("minmax"), numpy_kv4(x, (1.0,))[3], atol=1e-6)
+    np.testing.assert_allclose(run("search:0.5:21"), run("searched"), atol=1e-5)
+    np.testing.assert_allclose(run("clip:1.0"), run("minmax"), atol=1e-5)
+    assert np.square(run("asym:0.7:4") - x).sum() < np.square(run("minmax") - x).sum()
+    assert (run("none") == x).all()

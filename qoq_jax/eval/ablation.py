@@ -11,8 +11,8 @@ Hadamard rotations of the V cache (deepcompressor's, in place of v->o smoothing)
 cache, GPTQ's damping raised from the paper's 1% to 10% of the Hessian's mean diagonal,
 (groups) the clipping search per group, and the KV4 quantizer's range search (every row before
 it, RTN included, quantizes K/V over each row's min/max, as QServe: kv_cache "kv4-minmax"): the
-last row of each format is the converter's default recipe. Perplexity is measured on the Wikipedia summaries from the start (calibration draws from
-their second half) and on Botchan.
+last row of each format is the converter's default recipe. Perplexity is measured on the
+Wikipedia summaries from the start (calibration draws from their second half) and on Botchan.
 """
 
 from __future__ import annotations
