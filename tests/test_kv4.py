@@ -50,11 +50,20 @@ def test_fused_write_matches_xla_and_lands_in_place(d, hkv):
     pools = _pools(L, N, hkv, P, d)
     ref = kv4_write(pools, jnp.int32(1), k, v, cos, sin, page, slot, backend="xla")
     got = kv4_write(pools, jnp.int32(1), k, v, cos, sin, page, slot, **PALLAS)
+    if on_gpu():
+        # A code may differ on a .5 boundary, and a near-tie of two candidate ranges may go the
+        # other way: every stored value within one step of the reference's.
+        for i in (0, 3):
+            da, db = (np.asarray(dequantize_kv4(p[i][1, 1:], p[i + 1][1, 1:], p[i + 2][1, 1:]))
+                      for p in (ref, got))
+            step = np.maximum(np.asarray(ref[i + 1][1, 1:], np.float32),
+                              np.asarray(got[i + 1][1, 1:], np.float32))[..., None]
+            assert (np.abs(da - db) <= 1.05 * step).all()
     for name, a, b in zip(("kq", "ks", "kz", "vq", "vs", "vz"), ref, got):
         a, b = np.array(a), np.array(b)
         a[:, 0], b[:, 0] = 0, 0  # the scratch page's content is unspecified
-        if on_gpu() and name in ("kq", "vq"):  # one code may differ on a .5 boundary
-            assert (a != b).mean() < 1e-3
+        if on_gpu():
+            assert (a != b).mean() < 0.02, name  # few rows differ (checked by value above)
         else:
             np.testing.assert_array_equal(a, b, err_msg=name)
     # the keys were roped before quantization: compare with NumPy rope + quantization
