@@ -103,6 +103,15 @@ def add_weight_format_args(p: argparse.ArgumentParser, what: str) -> None:
                    metavar="{128,64,-1}", help="the same, by group size (-1 = per-channel)")
 
 
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    from qoq_jax.kv_cache import KV_CACHE_KINDS
+
+    p.add_argument("--kv-cache", choices=KV_CACHE_KINDS,
+                   help="KV cache format: 16-bit, or QServe's 4-bit KV4 (default: kv4 for "
+                        "quantized models, 16bit otherwise; kv4-minmax: KV4 with QServe's "
+                        "min/max range per row instead of the searched one)")
+
+
 def add_gemm_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gemm", choices=["auto", "mosaic", "triton", "xla"], default="auto",
                    help="W4A8 GEMM of a quantized model: auto (default) = the Mosaic GPU kernel "

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_parallel_args,
-                         add_weight_format_args, bounded_float, bounded_int, init_parallel,
-                         page_size_arg, positive_int, read_prompts_file, run_cli, seed_arg,
-                         utf8_arg)
+from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_kv_cache_arg,
+                         add_parallel_args, add_weight_format_args, bounded_float, bounded_int,
+                         init_parallel, page_size_arg, positive_int, read_prompts_file, run_cli,
+                         seed_arg, utf8_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (engine slots; default 16 on CPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--kv-cache", choices=["16bit", "kv4", "kv4-minmax"],
-                   help="KV cache format: 16-bit, or QServe's 4-bit KV4 (default: kv4 for "
-                        "quantized models, 16bit otherwise; kv4-minmax: KV4 with QServe's "
-                        "min/max range per row instead of the searched one)")
+    add_kv_cache_arg(p)
     p.add_argument("--quantize", choices=["qoq", "rtn"],
                    help="quantize a float model to W4A8KV4 on the fly (small calibration set; "
                         "convert_hf_checkpoint makes a reusable checkpoint)")

@@ -30,8 +30,9 @@ from typing import Any, Literal
 from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from qoq_jax.cli import (ArgumentParser, add_gemm_arg, add_parallel_args, add_weight_format_args,
-                         bounded_int, init_parallel, page_size_arg, positive_int, run_cli)
+from qoq_jax.cli import (ArgumentParser, add_gemm_arg, add_kv_cache_arg, add_parallel_args,
+                         add_weight_format_args, bounded_int, init_parallel, page_size_arg,
+                         positive_int, run_cli)
 from qoq_jax.engine import EngineBusyError
 
 log = logging.getLogger("qoq_jax.serve")
@@ -525,9 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 route")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--kv-cache", choices=["16bit", "kv4", "kv4-minmax"],
-                   help="KV cache format (default: kv4 for quantized models, 16bit otherwise; "
-                        "kv4-minmax: KV4 with QServe's min/max range per row)")
+    add_kv_cache_arg(p)
     p.add_argument("--quantize", choices=["qoq", "rtn"],
                    help="quantize a float model to W4A8KV4 at start-up (small calibration set; "
                         "convert_hf_checkpoint makes a reusable checkpoint)")

@@ -29,39 +29,40 @@ import numpy as np
 
 def quantizer(spec: str):
     """The float function x [..., D] -> x_hat that a --k/--v spec names."""
-    from pallas_kernels.kv4 import _codes, dequantize_kv4, quantize_kv4
+    from pallas_kernels.kv4 import RANGE_RATIOS, _codes, _scale_zero, dequantize_kv4, quantize_kv4
 
-    def ranged(x, hi, lo):  # x_hat over the range [lo, hi], fp16 scale/zero as the format
-        rng = hi - lo
-        s = jnp.where(rng > 0, rng / 15, 1.0).astype(jnp.float16).astype(jnp.float32)
-        z = (-lo / s).astype(jnp.float16).astype(jnp.float32)
-        return (_codes(x, s, z) - z) * s
-
-    def best_of(x, candidates):  # per row, the candidate closest to x
-        outs = jnp.stack(candidates)
-        pick = jnp.square(outs - x).sum(-1).argmin(0)
-        return jnp.take_along_axis(outs, pick[None, ..., None], 0)[0]
-
-    def shrunk(x, a, b):
-        mx, mn = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
-        mid, half = (mx + mn) / 2, (mx - mn) / 2
-        return ranged(x, mid + half * a, mid - half * b)
+    def kv4(ratios):  # the kernel's own quantizer over these candidate ranges
+        return lambda x: dequantize_kv4(*quantize_kv4(x, tuple(ratios)))
 
     name, *args = spec.split(":")
     if name == "none":
         return lambda x: x
-    if name in ("minmax", "searched"):
-        ratios = {"minmax": (1.0,)}.get(name)
-        return lambda x: dequantize_kv4(*(quantize_kv4(x) if ratios is None
-                                          else quantize_kv4(x, ratios)))
+    if name == "minmax":
+        return kv4((1.0,))
+    if name == "searched":
+        return kv4(RANGE_RATIOS)
     if name == "clip":
-        return lambda x: shrunk(x, float(args[0]), float(args[0]))
+        return kv4((float(args[0]),))
     rs = np.linspace(1.0, float(args[0]), int(args[1]))
     if name == "search":
-        return lambda x: best_of(x, [shrunk(x, r, r) for r in rs])
-    if name == "asym":
-        return lambda x: best_of(x, [shrunk(x, a, b) for a in rs for b in rs])
-    raise SystemExit(f"unknown quantizer {spec!r}")
+        return kv4(rs)
+    if name != "asym":
+        raise SystemExit(f"unknown quantizer {spec!r}")
+
+    def asym(x):  # max shrunk by a, min by b, about the midpoint; per row the closest to x
+        mx, mn = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
+        mid, half = (mx + mn) / 2, (mx - mn) / 2
+        outs = []
+        for a in rs:
+            for b in rs:
+                scale, zero = _scale_zero(mid + half * a, mid - half * b)
+                s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
+                outs.append((_codes(x, scale, zero) - z32) * s32)
+        outs = jnp.stack(outs)
+        pick = jnp.square(outs - x).sum(-1).argmin(0)
+        return jnp.take_along_axis(outs, pick[None, ..., None], 0)[0]
+
+    return asym
 
 
 def main(argv=None) -> int:

@@ -67,8 +67,6 @@ def rows_for(fmt: str) -> list[tuple[str, dict]]:
 
 
 def _recipe(text: str) -> dict:
-    from qoq_jax.quant.config import QuantConfig
-
     try:
         overrides = json.loads(text)
         if not isinstance(overrides, dict):
@@ -103,7 +101,6 @@ def main(argv=None) -> int:
     from qoq_jax import assets
     from qoq_jax.eval.data import load_documents, tokenize_joined
     from qoq_jax.eval.perplexity import perplexity
-    from qoq_jax.quant.config import QuantConfig
 
     fp = qoq_jax.load(args.model, dtype="float32")
     need = args.windows * args.seq_len

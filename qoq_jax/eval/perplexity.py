@@ -21,7 +21,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from qoq_jax.cli import ArgumentParser, CliError, bounded_int, positive_int, run_cli
+from qoq_jax.cli import (ArgumentParser, CliError, add_kv_cache_arg, bounded_int, positive_int,
+                         run_cli)
 
 
 def perplexity(llm, token_ids, *, seq_len: int = 2048, max_windows: int | None = None,
@@ -72,9 +73,7 @@ def main(argv=None) -> int:
                     help="tokens per window (default 2048)")
     ap.add_argument("--max-windows", type=positive_int, help="evaluate only the first N windows")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--kv-cache", choices=["16bit", "kv4", "kv4-minmax"],
-                    help="default: kv4 for quantized checkpoints, 16bit otherwise (kv4-minmax: "
-                         "KV4 with QServe's min/max range per row instead of the searched one)")
+    add_kv_cache_arg(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
 
