@@ -96,12 +96,18 @@ class ModelConfig:
     # Hadamard after RoPE (q.k unchanged), so the KV4 cache stores keys whose outlier channels
     # are spread over the head. Stored in config.json as "qoq_key_rotation".
     key_rotation: bool = False
+    # With key_rotation, a per-channel SmoothAttention in the rotated basis: each layer holds
+    # self_attn.key_scale [KV heads, head_dim]; the rotated keys are divided by it and the
+    # rotated queries multiplied (q.k unchanged). Stored in config.json as "qoq_key_scale".
+    key_scale: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})")
+        if self.key_scale and not self.key_rotation:
+            raise ConfigError("qoq_key_scale scales the rotated keys: it needs qoq_key_rotation")
 
     def __hash__(self) -> int:
         # The config is static metadata of jitted modules; rope_scaling is a dict, so hash the JSON.
@@ -173,6 +179,7 @@ class ModelConfig:
             eos_token_ids=tuple(int(e) for e in eos_ids),
             pad_token_id=hf.get("pad_token_id"),
             key_rotation=bool(hf.get("qoq_key_rotation", False)),
+            key_scale=bool(hf.get("qoq_key_scale", False)),
         )
 
     @classmethod
@@ -214,6 +221,8 @@ class ModelConfig:
             d["rope_scaling"] = dict(self.rope_scaling)
         if self.key_rotation:
             d["qoq_key_rotation"] = True
+        if self.key_scale:
+            d["qoq_key_scale"] = True
         if self.architecture == "LlamaForCausalLM":
             d["attention_bias"] = self.qkv_bias
             d["mlp_bias"] = self.mlp_bias

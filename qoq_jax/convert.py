@@ -11,7 +11,8 @@ paper's code does (printed per layer, stored in config.json's "quantization_repo
 --no-search-* uses the fixed ones), plus two per-head Hadamard rotations of the KV cache that
 docs/ACCURACY.md measures as the largest gains on small models: V (deepcompressor's, in place of
 v->o smoothing; --no-rotate-v) and K after RoPE (the model rotates q and k as it runs;
---no-rotate-k). rtn quantizes the same formats with no transform. Every step can be turned on
+--no-rotate-k; --smooth-rotated-keys adds SmoothAttention in the rotated basis, off by default).
+rtn quantizes the same formats with no transform. Every step can be turned on
 or off (--clip, --no-gptq, ...). Calibration text defaults to the second half of the Wikipedia
 summaries (evaluation reads from the start, so the two never overlap). The output directory is
 written atomically.
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("rotate-k", "per-head Hadamard on q and k after RoPE (K cache rotated; "
                                     "the model does it as it runs)"),
                        ("smooth-attention", "SmoothAttention on the keys"),
+                       ("smooth-rotated-keys", "SmoothAttention again after the K rotation, "
+                                               "per channel, as the model runs (off by "
+                                               "default: measured as noise on SmolLM2)"),
                        ("smooth-out", "v_proj -> o_proj output smoothing"),
                        ("smooth-down", "up_proj -> down_proj output smoothing"),
                        ("reorder", "channel reordering (group formats)"),

@@ -44,6 +44,8 @@ class Attention(nnx.Module):
         self.k_proj = make_linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
         self.v_proj = make_linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
         self.o_proj = make_linear(cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, factory=linear)
+        if cfg.key_scale:  # SmoothAttention in the rotated basis (ModelConfig.key_scale)
+            self.key_scale = nnx.Param(jnp.ones((cfg.num_kv_heads, hd), jnp.float32))
 
 
 class MLP(nnx.Module):
@@ -101,6 +103,8 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
         # Rotate q and k per head after RoPE (scores unchanged); the cache then gets keys that
         # already carry RoPE, so its fused RoPE runs with the identity angles (cos 1, sin 0).
         k, q = (rotate_heads(apply_rope(a, cos, sin)) for a in (k, q))
+        if cfg.key_scale:
+            k, q = scale_keys(k, q, attn.key_scale[...])
         cache = cache.write(layer_idx, k, v, jnp.ones_like(cos), jnp.zeros_like(sin), page, slot)
         o = attend(q, cache, layer_idx).reshape(b, t, -1)
     else:
@@ -116,6 +120,16 @@ def rotate_heads(x: jax.Array) -> jax.Array:
     """x [..., D] @ the orthogonal Hadamard of size D (computed in float32)."""
     r = jnp.asarray(rotation_matrix(x.shape[-1]), jnp.float32)
     return (x.astype(jnp.float32) @ r).astype(x.dtype)
+
+
+def scale_keys(k: jax.Array, q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k [B, T, Hkv, D] / scale [Hkv, D] and q [B, T, Hq, D] x scale (each query head by its
+    KV head's row): q.k is unchanged, but the KV4 cache rounds the scaled keys."""
+    b, t, hkv, d = k.shape
+    s = scale.astype(jnp.float32)
+    k_s = (k.astype(jnp.float32) / s).astype(k.dtype)
+    q_s = (q.astype(jnp.float32).reshape(b, t, hkv, -1, d) * s[:, None]).reshape(q.shape)
+    return k_s, q_s.astype(q.dtype)
 
 
 def _row_parallel(linear, x, axis):

@@ -68,6 +68,8 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
             axes = (out, inp)
         else:  # bias, per-channel scale/szero, s1: [N]
             axes = (out,)
+    elif name == "key_scale":  # [Hkv, D]: with its KV heads
+        axes = ("kv_heads", None)
     else:  # norms
         axes = ("embed",) * rank
     if len(axes) != rank:

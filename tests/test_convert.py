@@ -42,7 +42,8 @@ def test_convert_reload_generate(tmp_path, name, method, fmt):
 
     src = make_tiny_quant_checkpoint(tmp_path / "src", name, seed=2)
     text = write_text(tmp_path / "calib.txt")
-    qcfg = _qcfg(text, method=method, weight_format=fmt)
+    key_scale = name == "qwen2"  # the opt-in SmoothAttention of the rotated keys, on one model
+    qcfg = _qcfg(text, method=method, weight_format=fmt, smooth_rotated_keys=key_scale)
     out = convert(str(src), str(tmp_path / "out"), qcfg, progress=False)
     hf = json.loads((out / "config.json").read_text())
     assert hf["quantization"]["method"] == method
@@ -60,12 +61,15 @@ def test_convert_reload_generate(tmp_path, name, method, fmt):
         assert all({"smooth_attention", "smooth_down"} <= set(x) for x in report["layers"])
         assert not any("smooth_out" in x for x in report["layers"])  # V rotated instead
         assert hf["qoq_key_rotation"] is True  # the model rotates q and k after RoPE
+        assert hf.get("qoq_key_scale", False) is key_scale  # ... and scales them if asked
         assert all(("clip_q" in x) == (fmt == "per-channel") for x in report["layers"])
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial leftovers
 
     llm = qoq_jax.load(out, dtype="float32")
     assert llm.engine.kv_cache == "kv4"
     assert llm.model.config.key_rotation == (method == "qoq")
+    assert llm.model.config.key_scale == key_scale
+    assert hasattr(llm.model.layers.self_attn, "key_scale") == key_scale
     assert isinstance(llm.model.layers.mlp.down_proj, W4A8Linear)
     assert llm.model.lm_head is None or not isinstance(llm.model.lm_head, W4A8Linear)
     # the whole state tree survives the round trip: same paths, dtypes and values (floats as

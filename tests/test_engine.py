@@ -9,7 +9,7 @@ from helpers import make_tiny_checkpoint
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.engine import COMPILES, Engine, PromptError
-from qoq_jax.hf import SafetensorsCheckpoint
+from qoq_jax.hf import CheckpointError, SafetensorsCheckpoint
 from qoq_jax.kv_cache import PagedKVCache
 from qoq_jax.model import decode_step, from_hf_weights, prefill
 from qoq_jax.sampling import SamplingParams, sample
@@ -407,3 +407,18 @@ def test_key_rotation_keeps_the_function_and_shrinks_the_kv4_key_error(tmp_path)
     outs = [_engine(from_hf_weights(c, weights, jnp.float32)).generate([prompt], GREEDY)[0].tokens
             for c in (cfg, rotated)]
     assert outs[0] == outs[1]
+    # ModelConfig.key_scale: each layer's self_attn.key_scale divides the rotated keys and
+    # multiplies the queries: the same function again, in prefill and in decode
+    scaled = dataclasses.replace(rotated, key_scale=True)
+    assert ModelConfig.from_hf_dict(scaled.to_hf_dict()) == scaled
+    rng = np.random.default_rng(5)
+    with_scale = dict(weights) | {
+        f"model.layers.{i}.self_attn.key_scale":
+            np.exp(rng.normal(0, 0.5, (cfg.num_kv_heads, cfg.head_dim))).astype(np.float32)
+        for i in range(cfg.num_layers)}
+    model = from_hf_weights(scaled, with_scale, jnp.float32)
+    np.testing.assert_allclose(_engine(model, kv_cache="16bit").score(window),
+                               lp[False, "16bit"], atol=2e-5)
+    assert _engine(model).generate([prompt], GREEDY)[0].tokens == outs[0]
+    with pytest.raises(CheckpointError, match="key_scale"):  # the config needs the tensors
+        from_hf_weights(scaled, weights, jnp.float32)

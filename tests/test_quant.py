@@ -21,8 +21,8 @@ from qoq_jax.quant.config import QuantConfig
 from qoq_jax.quant.hadamard import hadamard, rotation_matrix
 from qoq_jax.quant.pipeline import transformed_float_weights
 
-ALL_STEPS = dict(rotate=True, rotate_v=True, rotate_k=True, smooth_attention=True, smooth_out=True,
-                 smooth_down=True, reorder=True)
+ALL_STEPS = dict(rotate=True, rotate_v=True, rotate_k=True, smooth_attention=True,
+                 smooth_rotated_keys=True, smooth_out=True, smooth_down=True, reorder=True)
 NO_STEPS = {k: False for k in ALL_STEPS}
 
 
@@ -54,7 +54,8 @@ def _logits(cfg, weights, tokens):
 
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 @pytest.mark.parametrize("step", ["rotate", "rotate_v", "rotate_k", "smooth_attention",
-                                  "smooth_out", "smooth_down", "reorder", "all"])
+                                  "smooth_rotated_keys", "smooth_out", "smooth_down", "reorder",
+                                  "all"])
 def test_transforms_preserve_the_function(tmp_path, name, step):
     d = make_tiny_checkpoint(tmp_path / name, name, seed=5)
     cfg = ModelConfig.from_json(d)
@@ -63,6 +64,8 @@ def test_transforms_preserve_the_function(tmp_path, name, step):
     calib = rng.integers(0, cfg.vocab_size, (4, 24)).astype(np.int32)
     tokens = rng.integers(0, cfg.vocab_size, (2, 20)).astype(np.int32)
     steps = ALL_STEPS if step == "all" else {**NO_STEPS, step: True}
+    if step == "smooth_rotated_keys":  # it scales the keys rotate_k rotates
+        steps["rotate_k"] = True
     # fixed strengths: these shapes (K = 48, ...) have no W4 format for the searches to score
     qcfg = QuantConfig(**steps, smooth_alpha=0.5, smooth_beta=0.5, search_smoothing=False,
                        search_smooth_attention=False)
@@ -70,6 +73,12 @@ def test_transforms_preserve_the_function(tmp_path, name, step):
     changed = [k for k in new_w if k in weights and not np.allclose(new_w[k], weights[k])]
     if step == "rotate_k":  # no weight changes: the model rotates q and k as it runs
         assert not changed and new_cfg.key_rotation and not cfg.key_rotation
+        assert not new_cfg.key_scale and not any(k.endswith("key_scale") for k in new_w)
+    elif step == "smooth_rotated_keys":  # a new per-layer tensor; the model applies it
+        assert not changed and new_cfg.key_rotation and new_cfg.key_scale
+        scales = [new_w[f"model.layers.{i}.self_attn.key_scale"] for i in range(cfg.num_layers)]
+        assert all(s.shape == (cfg.num_kv_heads, cfg.head_dim) for s in scales)
+        assert not np.allclose(scales[0], 1.0), "the scales are all ones"
     else:
         assert changed, "the transform changed nothing"
     base = _logits(cfg, weights, tokens)
@@ -255,6 +264,13 @@ def test_quant_config_defaults_follow_the_paper():
                 or rtn.needs_calibration)
     with pytest.raises(ValueError, match="rotate_k"):
         QuantConfig(method="rtn", rotate_k=True)
+    # SmoothAttention of the rotated keys: asked for (off by default), and it needs rotate_k
+    assert not (g.smooth_rotated_keys or pc.smooth_rotated_keys or rtn.smooth_rotated_keys)
+    assert QuantConfig(smooth_rotated_keys=True).smooth_rotated_keys
+    with pytest.raises(ValueError, match="smooth_rotated_keys scales the keys rotate_k rotates"):
+        QuantConfig(rotate_k=False, smooth_rotated_keys=True)
+    with pytest.raises(ValueError, match="takes no smooth_rotated_keys"):
+        QuantConfig(method="rtn", smooth_rotated_keys=True)
     assert QuantConfig.from_dict(g.to_dict()) == g
     assert QuantConfig.from_dict(json.loads(json.dumps(pc.to_dict()))) == pc
     with pytest.raises(ValueError, match="unknown weight format 32"):
@@ -282,6 +298,7 @@ def test_older_recipes_still_load():
     assert QuantConfig.from_dict({"group_size": 64}).weight_format is WeightFormat.G64
     before = QuantConfig.from_dict({"method": "qoq", "weight_format": "g128", "smooth_out": True})
     assert not (before.rotate_v or before.rotate_k) and before.smooth_out  # steps it never ran
+    assert not before.smooth_rotated_keys
     assert WeightFormat.parse("128") is WeightFormat.G128
     assert WeightFormat.G128.for_input_size(576) is WeightFormat.G64
 
@@ -422,3 +439,42 @@ def test_ablation_ladder_ends_at_the_converter_default(fmt):
     configs = [QuantConfig(weight_format=fmt, **overrides) for _, overrides in rows]
     assert configs[0].method == "rtn" and configs[-1] == QuantConfig(weight_format=fmt)
     assert len({c for c in configs}) == len(configs)  # each row changes something
+
+
+def test_rotated_key_scale_shrinks_the_kv4_score_error():
+    """In the rotated basis, queries whose energy sits in a few channels make those channels'
+    key rounding cost the scores most: the key scale (SmoothAttention there) moves KV4's
+    precision to them, and fake.kv4 with the scale is what the model's cache stores."""
+    from qoq_jax.quant import fake, transforms
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=64,
+                      intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=64, key_rotation=True, key_scale=True)
+    rng = np.random.default_rng(3)
+    r = rotation_matrix(cfg.head_dim)
+    t, g = 256, cfg.q_per_kv
+    kr = rng.standard_normal((t, cfg.num_kv_heads, cfg.head_dim))
+    loud = rng.choice(cfg.head_dim, 8, replace=False)
+    spread = np.where(np.isin(np.arange(cfg.head_dim), loud), 10.0, 0.5)
+    qr = rng.standard_normal((t, cfg.num_heads, cfg.head_dim)) * spread
+    q, k = qr @ r.T, kr @ r.T  # what the model has after RoPE, before its rotation
+    scale = transforms.rotated_key_scale(q, k, cfg, r)
+    assert scale.shape == (cfg.num_kv_heads, cfg.head_dim)
+    np.testing.assert_allclose(np.log(scale).mean(axis=1), 0.0, atol=1e-9)  # geometric mean 1
+    quiet = np.delete(scale, loud, axis=1)
+    assert scale[:, loud].max() < quiet.min() / 2  # keys / scale: loud query channels grow
+
+    def score_error(key_scale):
+        k_hat = np.asarray(fake.kv4(jnp.asarray(k, jnp.float32), True,
+                                    key_scale=None if key_scale is None
+                                    else jnp.asarray(key_scale, jnp.float32)))
+        qg = q.reshape(t, cfg.num_kv_heads, g, -1)
+        return np.abs(np.einsum("ahgd,bhd->abhg", qg, k_hat - k)).mean()
+
+    plain, scaled = score_error(None), score_error(scale)
+    assert scaled < 0.85 * plain, (scaled, plain)  # (measured: 0.79)
+    # with the identity scale, fake.kv4 is the rotated cache unchanged
+    np.testing.assert_allclose(
+        np.asarray(fake.kv4(jnp.asarray(k, jnp.float32), True,
+                            key_scale=jnp.ones((cfg.num_kv_heads, cfg.head_dim)))),
+        np.asarray(fake.kv4(jnp.asarray(k, jnp.float32), True)), atol=1e-6)

@@ -19,8 +19,8 @@ from pallas_kernels.packing import WeightFormat
 
 METHODS = ("qoq", "rtn")
 # The steps of the pipeline, in the paper's order; None = the method's default.
-STEPS = ("rotate", "rotate_v", "rotate_k", "smooth_attention", "smooth_out", "smooth_down",
-         "reorder", "clip", "gptq")
+STEPS = ("rotate", "rotate_v", "rotate_k", "smooth_attention", "smooth_rotated_keys",
+         "smooth_out", "smooth_down", "reorder", "clip", "gptq")
 SEARCHES = ("search_smooth_attention", "search_smoothing", "search_qk_clip")
 
 # Output-smoothing (alpha, beta) of the paper's code per model (qserve_spec.md section 1.12):
@@ -51,6 +51,13 @@ class QuantConfig:
     smooth_attention_alpha: float = 0.5  # the fixed strength (when not searched)
     rotate_v: bool | None = None  # per-head Hadamard on v_proj -> o_proj (the V cache is rotated)
     rotate_k: bool | None = None  # per-head Hadamard on q and k after RoPE (the K cache is rotated)
+    # SmoothAttention again after rotate_k's rotation, where it is free of RoPE's pairs: the
+    # model divides the rotated keys per channel by rms(K)^a / rms(Q)^(1-a) (and multiplies
+    # the queries), a = smooth_rotated_keys_alpha, from the calibration tokens the searches
+    # use. Off by default: on the default model it moved perplexity by no more than the
+    # noise (docs/ACCURACY.md).
+    smooth_rotated_keys: bool = False
+    smooth_rotated_keys_alpha: float = 0.5
     smooth_out: bool | None = None  # v_proj -> o_proj output smoothing
     smooth_down: bool | None = None  # up_proj -> down_proj output smoothing
     smooth_alpha: float | None = None  # None: from the preset (when not searched)
@@ -103,6 +110,11 @@ class QuantConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 set_(name, value)
+        if self.smooth_rotated_keys and not self.rotate_k:
+            raise ValueError("smooth_rotated_keys scales the keys rotate_k rotates: it needs "
+                             "rotate_k")
+        if not 0 <= self.smooth_rotated_keys_alpha <= 1:
+            raise ValueError("smooth_rotated_keys_alpha must be in [0, 1]")
         if self.search_qk_clip is None:
             set_("search_qk_clip", bool(self.clip and not group))
         if self.search_qk_clip and (group or not self.clip):

@@ -72,11 +72,13 @@ def int8_per_token(x: jax.Array) -> jax.Array:
 
 
 def kv4(x: jax.Array, rotated: bool = False,
-        ratios: tuple[float, ...] = RANGE_RATIOS) -> jax.Array:
-    """x [..., D] (one token and head per row) -> its KV4 values. rotated: the cache stores x
-    rotated by the head's Hadamard (ModelConfig.key_rotation); the values come back unrotated.
+        ratios: tuple[float, ...] = RANGE_RATIOS, key_scale: jax.Array | None = None) -> jax.Array:
+    """x [..., H, D] (one token and head per row) -> its KV4 values. rotated: the cache stores x
+    rotated by the head's Hadamard (ModelConfig.key_rotation), and divided per channel by
+    key_scale [H, D] if given (ModelConfig.key_scale); the values come back in x's basis.
     ratios: the quantizer's candidate ranges (the cache's ``range_ratios``)."""
     if not rotated:
         return dequantize_kv4(*quantize_kv4(x, ratios))
     r = jnp.asarray(rotation_matrix(x.shape[-1]), jnp.float32)
-    return dequantize_kv4(*quantize_kv4(x.astype(jnp.float32) @ r, ratios)) @ r.T
+    s = jnp.ones(x.shape[-2:], jnp.float32) if key_scale is None else key_scale
+    return (dequantize_kv4(*quantize_kv4(x.astype(jnp.float32) @ r / s, ratios)) * s) @ r.T

@@ -4,7 +4,8 @@
 1. reads the layer's float weights (float64 for the transforms) and, with rotation on, folds
    the RMSNorm weights and applies the Hadamard rotation (and, with rotate_v, the per-head
    Hadamard on v_proj -> o_proj; rotate_k changes no weight: the returned ModelConfig tells the
-   model to rotate q and k after RoPE);
+   model to rotate q and k after RoPE, and with smooth_rotated_keys to scale them per channel
+   by each layer's self_attn.key_scale);
 2. runs the layer once on the calibration inputs (``calibration.run_layer``): activation
    maxima, input Hessians, and the first ``search_tokens`` tokens' activations;
 3. applies SmoothAttention and the output smoothing (v->o, up->down), with strengths searched
@@ -115,7 +116,8 @@ def quantize_linear(w: np.ndarray, qcfg: QuantConfig, hessian: np.ndarray | None
 def _served(cfg: ModelConfig, qcfg: QuantConfig) -> ModelConfig:
     """The config the quantized model runs with: the searches score what it will compute (the
     calibration itself runs the original layer: its statistics are of unrotated keys)."""
-    return dataclasses.replace(cfg, key_rotation=bool(qcfg.rotate_k))
+    return dataclasses.replace(cfg, key_rotation=bool(qcfg.rotate_k),
+                               key_scale=bool(qcfg.smooth_rotated_keys))
 
 
 def _transformed_ends(cfg: ModelConfig, weights, rot):
@@ -168,6 +170,14 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
         else:
             alpha, beta = qcfg.smooth_attention_alpha, 0.0
         w = transforms.smooth_attention(w, cfg, stats.k_absmax, alpha, stats.q_absmax, beta)
+    if qcfg.smooth_rotated_keys:  # on the captured q/k, as the smoothed layer computes them
+        lam = np.ones((cfg.num_kv_heads, cfg.head_dim))
+        if qcfg.smooth_attention:
+            lam = transforms.attention_lambda(stats.k_absmax, stats.q_absmax if beta else None,
+                                              cfg, alpha, beta)
+        w["self_attn.key_scale"] = transforms.rotated_key_scale(
+            cap["q"] * np.repeat(lam, cfg.q_per_kv, axis=0), cap["k"] / lam, cfg,
+            rotation_matrix(cfg.head_dim), qcfg.smooth_rotated_keys_alpha)
     # (on?, the choice's name, its lambda of (weights, alpha, beta), its transform, consumer,
     # the consumer's captured input); each transform returns (weights, lambda applied)
     outputs = (
@@ -198,7 +208,8 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
     """Yields each layer transformed (a _Layer), one layer at a time."""
     x = None if calib_tokens is None or not qcfg.needs_calibration else embed[calib_tokens]
     names = layer_weight_names(cfg)
-    searching = qcfg.search_smooth_attention or qcfg.search_smoothing or qcfg.search_qk_clip
+    searching = (qcfg.search_smooth_attention or qcfg.search_smoothing or qcfg.search_qk_clip
+                 or qcfg.smooth_rotated_keys)  # (these need the captured activations too)
     capture = 0
     if x is not None and searching:  # whole samples, at least one
         capture = max(1, min(x.shape[0], qcfg.search_tokens // x.shape[1]))
@@ -279,6 +290,8 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
                 out[f"{prefix}{name}.bias"] = w[name + ".bias"].astype(np.float32)
         for norm in NORMS:
             out[f"{prefix}{norm}.weight"] = w[norm + ".weight"].astype(np.float32)
+        if "self_attn.key_scale" in w:
+            out[f"{prefix}self_attn.key_scale"] = w["self_attn.key_scale"].astype(np.float32)
         if qcfg.quantized_inputs and layer.inputs is not None:
             # GPTQ's sequential mode: the next layer calibrates on what this one computes with
             # its W4 weights, so its rounding can make up for this layer's error.

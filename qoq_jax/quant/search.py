@@ -15,7 +15,8 @@ whose quantized layer is closest to the float layer on the calibration activatio
   not see, so the consumer's output is the whole effect on the weights. (The V cache also sees
   v->o's lambda; that effect is left out of the objective.)
 - ``search_qk_clipping`` (per-channel): one clipping ratio per layer for q_proj, then for k_proj,
-  on the attention output (INT8 input, W4 weights, KV4 keys), where the per-row weight objective
+  on the attention output (INT8 input, W4 weights, KV4 keys, rotated and scaled as the model
+  will store them), where the per-row weight objective
   of ``clipping.py`` does not see the softmax. Each attention-output score is costly (a whole
   attention over ``search_tokens`` tokens), so the 81-ratio grid is searched coarse to fine:
   every 5th ratio, then the ratios around the best (25 scores instead of 81).
@@ -127,8 +128,8 @@ def _project(h, w, b, heads, hd):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "which", "kv_ratios"))
-def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, ratio_other, ratios, cfg: ModelConfig, which: str,
-                    kv_ratios):
+def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, key_scale, ratio_other, ratios, cfg: ModelConfig,
+                    which: str, kv_ratios):
     s, t, _ = h.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cos, sin = rope_cos_sin(jnp.arange(t)[None, :], rope_inv_freq(cfg))
@@ -143,7 +144,7 @@ def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, ratio_other, ratios, cfg: ModelCo
 
     def k_of(r):
         return fake.kv4(apply_rope(_project(hq8, fake.w4_per_channel(wk, r), bk, hkv, hd),
-                                   cos, sin), cfg.key_rotation, kv_ratios)
+                                   cos, sin), cfg.key_rotation, kv_ratios, key_scale)
 
     def err(r):
         if which == "q":
@@ -181,6 +182,7 @@ def search_qk_clipping(h: np.ndarray, w: dict, cfg: ModelConfig, ratios: np.ndar
     args = [jnp.asarray(h, jnp.float32)]
     for p in ("q", "k", "v"):
         args += [f32(f"self_attn.{p}_proj.weight"), f32(f"self_attn.{p}_proj.bias")]
+    args.append(f32("self_attn.key_scale"))  # the model's, when it scales its rotated keys
     ratios = np.asarray(ratios, np.float32)
 
     def errors(other: float, which: str):

@@ -101,6 +101,31 @@ def smooth_attention(w: dict, cfg: ModelConfig, k_absmax: np.ndarray, alpha: flo
     return w
 
 
+def rotated_key_scale(q: np.ndarray, k: np.ndarray, cfg: ModelConfig, rot: np.ndarray,
+                      alpha: float = 0.5) -> np.ndarray:
+    """The model's key_scale [Hkv, D] (ModelConfig.key_scale): lambda = rms(K)^alpha /
+    rms(Q)^(1 - alpha) per channel of the keys and queries as the model rotates them per head
+    after RoPE (q [..., Hq, D], k [..., Hkv, D] post-RoPE, times rot [D, D]; a KV head's query
+    heads pooled). The keys are divided by it, the queries multiplied.
+
+    Why: KV4 rounds each key row with one step, proportional to the row's range; a score's
+    error is then sum_c q_c e_c, of variance ~ step^2 * sum_c E[q_c^2] / d_c^2 for keys scaled
+    by d = 1 / lambda. With the range taken as the scaled row's norm, the product
+    sum_c rms(k_c)^2 d_c^2 * sum_c rms(q_c)^2 / d_c^2 is least (Cauchy-Schwarz) at
+    d_c^2 = rms(q_c) / rms(k_c): alpha = 0.5; a range closer to the row's max favours larger
+    alpha. In the rotated basis a channel is free of its RoPE pair, so each gets its own
+    lambda. Root mean squares, not the maxima SmoothAttention uses: a few thousand tokens
+    estimate them stably (docs/ACCURACY.md). Normalized to a geometric mean of 1 per head."""
+    hkv, hd = cfg.num_kv_heads, cfg.head_dim
+    kr = np.asarray(k, np.float64).reshape(-1, hkv, hd) @ rot
+    qr = np.asarray(q, np.float64).reshape(-1, hkv, cfg.q_per_kv, hd) @ rot
+    k_rms = np.sqrt(np.mean(kr * kr, axis=0))
+    q_rms = np.sqrt(np.mean(qr * qr, axis=(0, 2)))
+    pos = lambda t: np.where(t > 0, t, 1.0)  # noqa: E731  (zero channels count as 1)
+    lam = pos(k_rms) ** alpha / pos(q_rms) ** (1.0 - alpha)
+    return lam / np.exp(np.log(lam).mean(axis=1, keepdims=True))
+
+
 def smooth_lambda(x_absmax: np.ndarray, w_colmax: np.ndarray, alpha: float,
                   beta: float) -> np.ndarray:
     """lambda_j = max|X_j|^alpha / max|W_:,j|^beta (zeros and non-finite values -> 1)."""
