@@ -16,10 +16,10 @@ whose quantized layer is closest to the float layer on the calibration activatio
   v->o's lambda; that effect is left out of the objective.)
 - ``search_qk_clipping`` (per-channel): one clipping ratio per layer for q_proj, then for k_proj,
   on the attention output (INT8 input, W4 weights, KV4 keys, rotated and scaled as the model
-  will store them), where the per-row weight objective
-  of ``clipping.py`` does not see the softmax. Each attention-output score is costly (a whole
-  attention over ``search_tokens`` tokens), so the 81-ratio grid is searched coarse to fine:
-  every 5th ratio, then the ratios around the best (25 scores instead of 81).
+  will store them), where the per-row weight objective of ``clipping.py`` does not see the
+  softmax. Each attention-output score is costly (a whole attention over ``search_tokens``
+  tokens), so the 81-ratio grid is searched coarse to fine: every 5th ratio, then the ratios
+  around the best (25 scores instead of 81).
 
 Every candidate of a grid is scored in one jitted call (``lax.map`` over the candidates), and the
 candidate "no change" (alpha = beta = 0, ratio 1) is always in the grid, so a search never does

@@ -114,8 +114,8 @@ def rotated_key_scale(q: np.ndarray, k: np.ndarray, cfg: ModelConfig, rot: np.nd
     sum_c rms(k_c)^2 d_c^2 * sum_c rms(q_c)^2 / d_c^2 is least (Cauchy-Schwarz) at
     d_c^2 = rms(q_c) / rms(k_c): alpha = 0.5; a range closer to the row's max favours larger
     alpha. In the rotated basis a channel is free of its RoPE pair, so each gets its own
-    lambda. Root mean squares, not the maxima SmoothAttention uses: a few thousand tokens
-    estimate them stably (docs/ACCURACY.md). Normalized to a geometric mean of 1 per head."""
+    lambda. Root mean squares, not SmoothAttention's maxima, which a few thousand calibration
+    tokens estimate poorly (docs/ACCURACY.md). Normalized to a geometric mean of 1 per head."""
     hkv, hd = cfg.num_kv_heads, cfg.head_dim
     kr = np.asarray(k, np.float64).reshape(-1, hkv, hd) @ rot
     qr = np.asarray(q, np.float64).reshape(-1, hkv, cfg.q_per_kv, hd) @ rot
