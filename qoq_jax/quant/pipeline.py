@@ -161,6 +161,7 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
     fmt = qcfg.weight_format
     steps = qcfg.search_grid
     cap = stats.captured
+    lam_qk = np.ones((cfg.num_kv_heads, cfg.head_dim))  # q multiplied by it, k divided
     if qcfg.smooth_attention:
         if qcfg.search_smooth_attention:
             alpha, beta = search.search_smooth_attention(cap, stats.k_absmax, stats.q_absmax,
@@ -169,14 +170,11 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
             choices["smooth_attention"] = (alpha, beta)
         else:
             alpha, beta = qcfg.smooth_attention_alpha, 0.0
-        w = transforms.smooth_attention(w, cfg, stats.k_absmax, alpha, stats.q_absmax, beta)
+        w, lam_qk = transforms.smooth_attention(w, cfg, stats.k_absmax, alpha, stats.q_absmax,
+                                                beta)
     if qcfg.smooth_rotated_keys:  # on the captured q/k, as the smoothed layer computes them
-        lam = np.ones((cfg.num_kv_heads, cfg.head_dim))
-        if qcfg.smooth_attention:
-            lam = transforms.attention_lambda(stats.k_absmax, stats.q_absmax if beta else None,
-                                              cfg, alpha, beta)
         w["self_attn.key_scale"] = transforms.rotated_key_scale(
-            cap["q"] * np.repeat(lam, cfg.q_per_kv, axis=0), cap["k"] / lam, cfg,
+            cap["q"] * np.repeat(lam_qk, cfg.q_per_kv, axis=0), cap["k"] / lam_qk, cfg,
             rotation_matrix(cfg.head_dim), qcfg.smooth_rotated_keys_alpha)
     # (on?, the choice's name, its lambda of (weights, alpha, beta), its transform, consumer,
     # the consumer's captured input); each transform returns (weights, lambda applied)

@@ -92,13 +92,15 @@ def attention_lambda(k_span: np.ndarray, q_span: np.ndarray | None, cfg: ModelCo
 
 
 def smooth_attention(w: dict, cfg: ModelConfig, k_absmax: np.ndarray, alpha: float = 0.5,
-                     q_absmax: np.ndarray | None = None, beta: float = 0.0) -> dict:
-    """q rows x lambda, k rows / lambda, lambda from attention_lambda (the paper: beta = 0)."""
+                     q_absmax: np.ndarray | None = None, beta: float = 0.0
+                     ) -> tuple[dict, np.ndarray]:
+    """q rows x lambda, k rows / lambda, lambda from attention_lambda (the paper: beta = 0).
+    Returns (weights, lambda [Hkv, D])."""
     lam = attention_lambda(k_absmax, q_absmax if beta else None, cfg, alpha, beta)
     w = dict(w)
     _scale_rows(w, "self_attn.k_proj", 1.0 / lam.reshape(-1))
     _scale_rows(w, "self_attn.q_proj", np.repeat(lam, cfg.q_per_kv, axis=0).reshape(-1))
-    return w
+    return w, lam
 
 
 def rotated_key_scale(q: np.ndarray, k: np.ndarray, cfg: ModelConfig, rot: np.ndarray,
