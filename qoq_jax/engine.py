@@ -48,6 +48,8 @@ from flax import nnx
 
 from pallas_kernels.paged_attention import default_splits
 from qoq_jax import sharding
+from qoq_jax.errors import (ContextLengthError, EngineBusyError, EngineMemoryError,  # noqa: F401
+                            PromptError, QueueFullError)
 from qoq_jax.kv_cache import KV_CACHE_KINDS, SCRATCH_PAGE, PageAllocator, cache_class, make_cache
 from qoq_jax.model import Transformer, decode_step, forward
 from qoq_jax.sampling import SamplingParams, sample
@@ -55,14 +57,6 @@ from qoq_jax.scheduler import (Chunk, NeedsDrain, Scheduler, Sequence as Seq, St
                                batch_bucket, chunk_bucket)
 
 FINISH_REASONS = {1: "stop", 2: "length", 3: "error"}
-
-
-class PromptError(ValueError):
-    """A request the engine can never serve: empty, too long, or bad token ids."""
-
-
-class EngineMemoryError(MemoryError):
-    """The KV cache asked for does not fit in the memory there is."""
 
 
 @dataclasses.dataclass
@@ -122,14 +116,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError("num_pages must be >= 2 (page 0 is scratch)")
-
-
-class EngineBusyError(RuntimeError):
-    """step() was called while another thread is stepping the same engine."""
-
-
-class QueueFullError(RuntimeError):
-    """The engine's waiting queue is at its limit (the server answers 429)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,12 +438,12 @@ class Engine:
         total = len(prompt) + params.max_new_tokens
         ctx = self.model_config.max_position_embeddings
         if total > ctx:
-            raise PromptError(
+            raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; with max_new_tokens="
                 f"{params.max_new_tokens} that exceeds the model's context of {ctx} tokens")
         cap = (self.num_pages - 1) * self.page_size
         if total > cap:
-            raise PromptError(
+            raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; with max_new_tokens="
                 f"{params.max_new_tokens} it needs {total} tokens of KV cache, but the whole "
                 f"cache holds {cap} ({self.num_pages - 1} pages of {self.page_size}); lower "
