@@ -12,31 +12,12 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from qoq_jax import session
 from qoq_jax.config import ModelConfig
 from qoq_jax.engine import Engine
 from qoq_jax.sampling import SamplingParams
-from qoq_jax.text import TextRequest
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def default_dtype():
-    """bf16 on a GPU, fp32 on CPU (where bf16 matmuls are slow and buy nothing)."""
-    return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-
-
-def resolve_dtype(dtype) -> jnp.dtype:
-    if dtype is None:
-        return default_dtype()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
 
 
 @dataclasses.dataclass
@@ -102,50 +83,28 @@ class LLM:
                 self.engine.check_request(p, sp)
             except ValueError as e:
                 raise type(e)(f"prompt {i}: {e}") from None
-        texts = [TextRequest(self.tokenizer, p, stop) for p in ids]
-        rids = [self.engine.submit(p, sp, callback=self._on_event(t))
-                for p, sp, t in zip(ids, params, texts)]
-        self.engine.run(lambda: all(self.engine.finished(r) for r in rids))
+        sessions = [session.Session(self.engine, self.tokenizer, p, sp, stop)
+                    for p, sp in zip(ids, params)]
+        self.engine.run(lambda: all(self.engine.finished(s.request_id) for s in sessions))
         out = []
-        for prompt, rid, t in zip(prompts, rids, texts):
-            r = self.engine.result(rid)
-            self.engine.release(rid)
-            t.finish()
-            reason = "stop" if t.stopped else r.finish_reason
-            lps = r.logprobs[:len(t.token_ids)] if r.logprobs is not None else None
-            out.append(Completion(prompt, t.text, list(t.token_ids), reason, lps, r.error))
+        for prompt, s in zip(prompts, sessions):
+            s.close()
+            out.append(Completion(prompt, s.text.text, list(s.token_ids), s.finish_reason,
+                                  s.logprobs, s.error))
         return out
-
-    def _on_event(self, text: TextRequest):
-        def callback(ev):
-            if text.stopped:
-                return
-            text.feed(ev.token_ids)
-            if text.stopped and not ev.finished:
-                self.engine.cancel(ev.request_id, "stop")
-        return callback
 
     def stream(self, prompt: str, *, chat: bool = False, stop: Sequence[str] = (),
                params: SamplingParams | None = None, **sampling) -> Iterator[str]:
-        """Generate one completion, yielding its text as it is produced."""
+        """Generate one completion, yielding its text as it is produced (RuntimeError if the
+        engine fails it)."""
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:
             raise ValueError("give sampling keywords or params, not both")
         ids = self.encode(prompt, chat=chat)
-        text = TextRequest(self.tokenizer, ids, stop)
-        for ev in self.engine.stream(ids, params):
-            delta, _ = text.feed(ev.token_ids)
-            if text.stopped:
-                yield delta + text.finish()
-                return
-            if ev.finished:
-                if ev.finish_reason == "error":
-                    raise RuntimeError(ev.error)
-                yield delta + text.finish()
-                return
-            if delta:
-                yield delta
+        for d in session.stream(self.engine, self.tokenizer, ids, params, stop):
+            if d.text or d.finish_reason is not None:
+                yield d.text
 
     def score(self, token_ids: Sequence[int], *, seq_len: int, **kw):
         """Log-probabilities of every next token, in windows of seq_len (see Engine.score)."""
@@ -174,8 +133,9 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
     """
     from pallas_kernels import resolve_gemm_backend
     from qoq_jax import checkpoint, sharding
-    from qoq_jax.convert import load_source, quantize as run_quantize
+    from qoq_jax.convert import quantize as run_quantize
     from qoq_jax.hf import load_tokenizer
+    from qoq_jax.loading import load_source, resolve_dtype
     from qoq_jax.quant.config import QuantConfig
 
     resolve_gemm_backend(gemm_backend)  # a misspelled backend fails now, not after loading

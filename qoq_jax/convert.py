@@ -26,36 +26,12 @@ from pathlib import Path
 
 from qoq_jax.cli import (ArgumentParser, add_weight_format_args, bounded_float, bounded_int,
                          positive_int, run_cli, seed_arg)
+from qoq_jax.loading import load_source, resolve_dtype
 from qoq_jax.quant.config import DEFAULT_PRESET, SEARCHES, SMOOTH_PRESETS, STEPS, QuantConfig
 
 MAX_CLIP_GRID = 1000
 unit_float = bounded_float(0.0, 1.0)
 positive_float = bounded_float(0.0, None, low_open=True)
-
-
-def load_source(source: str | None, *, progress: bool = True):
-    """(ModelConfig, lazy weights, tokenizer, description) of an HF dir, a GGUF, or the default."""
-    from qoq_jax.config import ModelConfig
-    from qoq_jax.hf import SafetensorsCheckpoint, load_tokenizer
-
-    if source is None:
-        from qoq_jax.assets import default_model_dir
-
-        source = str(default_model_dir())
-    path = Path(source)
-    if path.is_file() and path.suffix == ".gguf":
-        import tempfile
-
-        from qoq_jax.gguf import build_tokenizer_files, read_gguf
-
-        cfg, _, weights, meta = read_gguf(path, progress=progress)
-        with tempfile.TemporaryDirectory() as tmp:
-            build_tokenizer_files(meta, Path(tmp))
-            tokenizer = load_tokenizer(tmp)
-        return cfg, weights, tokenizer, str(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no Hugging Face checkpoint directory or .gguf file at {path}")
-    return ModelConfig.from_json(path), SafetensorsCheckpoint(path), load_tokenizer(path), str(path)
 
 
 def calibration_docs(files: list[str]) -> list[str]:
@@ -75,7 +51,6 @@ def quantize(cfg, weights, tokenizer, qcfg: QuantConfig, *, dtype=None, progress
              gemm_backend: str = "auto"):
     """Run the pipeline and build the W4A8 model in memory. Returns (model, QuantReport: what
     the pipeline chose per layer)."""
-    from qoq_jax.api import resolve_dtype
     from qoq_jax.checkpoint import build_quantized_model
     from qoq_jax.quant.calibration import calibration_tokens
     from qoq_jax.quant.pipeline import quantize_weights

@@ -11,10 +11,35 @@ programs) and a second, steady-state call with the same shapes.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from pathlib import Path
 
+from qoq_jax.assets import DEFAULT_MODEL_NAME, cache_dir, cache_lock
 from qoq_jax.cli import ArgumentParser, positive_int, run_cli, utf8_arg
+
+# The demo's quantized default model: QoQ g128 with a small calibration set (a minute or two on
+# two CPU cores; docs/ACCURACY.md has the perplexity of larger calibration sets).
+DEMO_CALIBRATION = {"calib_samples": 16, "calib_seq_len": 256}
+
+
+def default_qoq_dir(progress: bool = True) -> Path:
+    """The default model quantized with QoQ W4A8KV4 (g128), converted once into the cache."""
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-qoq-g128"
+    if not (target / "config.json").exists():
+        with cache_lock("qoq-model"):
+            if not (target / "config.json").exists():
+                from qoq_jax.convert import convert
+                from qoq_jax.quant.config import QuantConfig
+
+                print(f"quantizing the default model with QoQ W4A8KV4 into {target} (once) ...",
+                      file=sys.stderr)
+                if target.exists():
+                    shutil.rmtree(target)
+                convert(None, str(target), QuantConfig(weight_format="g128", **DEMO_CALIBRATION),
+                        progress=progress)
+    return target
 
 
 def main(argv=None) -> int:
@@ -28,10 +53,9 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     import qoq_jax
-    from qoq_jax import assets
     from qoq_jax.engine import COMPILES
 
-    path = assets.default_qoq_dir()
+    path = default_qoq_dir()
     llm = qoq_jax.load(path)
     q = llm.config
     print(f"model: {path.name} (W4A8 g128 weights, {llm.engine.kv_cache} KV cache; "

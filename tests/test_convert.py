@@ -12,8 +12,9 @@ from helpers import TINY_QUANT_CONFIGS, make_tiny_quant_checkpoint, write_text
 
 import qoq_jax
 from qoq_jax import checkpoint
-from qoq_jax.convert import convert, load_source, quantize
+from qoq_jax.convert import convert, quantize
 from qoq_jax.layers import W4A8Linear
+from qoq_jax.loading import load_source
 from qoq_jax.quant.config import QuantConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from helpers import REPO, make_tiny_quant_checkpoint
 
@@ -202,6 +201,33 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, name, bo
     ok = httpx.post(server.url + "/v1/completions", timeout=30,
                     json={"model": MODEL, "prompt": "still up?", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_errors_map_by_exception_type_not_by_message():
+    from qoq_jax.errors import ContextLengthError, PromptError, QueueFullError
+    from qoq_jax.server.http_errors import ApiError, to_api_error
+    from qoq_jax.session import GenerationError
+
+    table = {ContextLengthError: (400, "invalid_request_error", "context_length_exceeded"),
+             PromptError: (400, "invalid_request_error", None),
+             QueueFullError: (429, "rate_limit_error", "queue_full"),
+             GenerationError: (500, "server_error", None),
+             ValueError: (400, "invalid_request_error", None)}
+    for cls, want in table.items():
+        e = to_api_error(cls("the message"))
+        assert (e.status, e.type, e.code, e.message) == (*want, "the message"), cls
+    assert to_api_error(PromptError("exceeds the context and the cache")).code is None
+    assert to_api_error(ValueError("x"), param="messages").param == "messages"
+    err = ApiError(404, "nope", code="model_not_found")
+    assert to_api_error(err) is err
+    assert to_api_error(KeyError("x")) is None  # not ours to map: a plain 500
+
+
+@pytest.mark.parametrize("body", [{"model": MODEL, "prompt": "word " * 600},
+                                  {"model": MODEL, "prompt": "x", "max_tokens": 10**9}])
+def test_too_long_requests_say_context_length_exceeded(server, body):
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_bad_chat_requests(server):

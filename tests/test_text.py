@@ -63,3 +63,95 @@ def test_no_stop_string_keeps_everything(tok):
     delta, used = t.feed(ids)
     assert delta == "abc " and used == len(ids)  # 'zz' is held back: it could become 'zzz'
     assert t.finish() == "zz" and t.text == "abc zz"
+
+
+# ----------------------------------------------------------------------------------------------
+# qoq_jax.session: one request's events -> text deltas (shared by LLM.stream and the server)
+
+class _Front:
+    """An engine front that records what the session asks of it."""
+
+    def __init__(self):
+        self.submitted, self.cancelled, self.released = [], [], []
+
+    def submit(self, ids, params, callback):
+        self.submitted.append((list(ids), params, callback))
+        return 7
+
+    def cancel(self, rid, reason="abort"):
+        self.cancelled.append((rid, reason))
+
+    def release_when_done(self, rid):
+        self.released.append(rid)
+
+
+def _event(ids, finished=False, reason=None, lps=None, error=None):
+    from qoq_jax.engine import TokenEvent
+
+    return TokenEvent(7, list(ids), lps, finished=finished, finish_reason=reason, error=error)
+
+
+def _params(logprobs=None):
+    from qoq_jax.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=64, logprobs=logprobs)
+
+
+def test_session_cancels_the_request_on_a_stop_string(tok):
+    from qoq_jax.session import Session
+
+    front = _Front()
+    s = Session(front, tok, [1, 2], _params(logprobs=0), stop=["\n\n"])
+    ids = tok.encode("first line\n\nsecond", add_special_tokens=False)
+    lps = [{"token": t, "logprob": -0.5, "top": []} for t in ids]
+    d = s.feed(_event(ids, lps=lps))
+    n_used = len("first line\n\n")
+    assert d.text == "first line" and d.finish_reason == "stop" and s.done
+    assert front.cancelled == [(7, "stop")]
+    assert s.token_ids == ids[:n_used] and s.logprobs == lps[:n_used] == d.logprobs
+    assert s.feed(_event([], finished=True, reason="stop")) is None  # the cancel's event
+    s.close()
+    s.close()
+    assert front.cancelled == [(7, "stop")] and front.released == [7]  # no second cancel
+
+
+def test_session_closed_early_cancels_and_keeps_finish_and_error(tok):
+    from qoq_jax.session import Session
+
+    front = _Front()
+    s = Session(front, tok, [], _params())
+    ab = tok.encode("ab", add_special_tokens=False)
+    assert s.feed(_event(ab)).text == "ab" and s.logprobs is None
+    s.close()  # the consumer went away before the end
+    assert front.cancelled == [(7, "abort")] and front.released == [7]
+
+    s = Session(front, tok, [], _params())
+    d = s.feed(_event(ab, finished=True, reason="length"))
+    assert (d.text, d.finish_reason, s.finish_reason) == ("ab", "length", "length")
+    s = Session(front, tok, [], _params())
+    d = s.feed(_event([], finished=True, reason="error", error="non-finite logits"))
+    assert d.finish_reason == s.finish_reason == "error" and s.error == "non-finite logits"
+
+
+def test_async_session_takes_events_from_another_thread(tok):
+    import asyncio
+    import threading
+
+    from qoq_jax.session import AsyncSession, GenerationError
+
+    async def run(events):
+        front = _Front()
+        s = AsyncSession(front, tok, [], _params(), stop=["!"])
+        callback = front.submitted[0][2]
+        threading.Thread(target=lambda: [callback(ev) for ev in events]).start()
+        try:
+            return [d async for d in s.deltas(poll_s=0.05)], s, front
+        finally:
+            s.close()
+
+    hi = tok.encode("hi! there", add_special_tokens=False)
+    deltas, s, front = asyncio.run(run([_event(hi[:1]), _event(hi[1:])]))
+    assert "".join(d.text for d in deltas) == "hi" and deltas[-1].finish_reason == "stop"
+    assert front.cancelled == [(7, "stop")]
+    with pytest.raises(GenerationError, match="boom"):
+        asyncio.run(run([_event([], finished=True, reason="error", error="boom")]))

@@ -119,7 +119,8 @@ def quant_dir(tmp_path_factory):
 
 
 def _rtn(path, weight_format):
-    from qoq_jax.convert import load_source, quantize
+    from qoq_jax.convert import quantize
+    from qoq_jax.loading import load_source
     from qoq_jax.quant.config import QuantConfig
 
     cfg, weights, tok, _ = load_source(str(path))

@@ -1,0 +1,49 @@
+"""The server's Prometheus metrics (own registry): requests by route and status, tokens, time to
+first token and per output token, and gauges read from the engine's public counters."""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+
+class Metrics:
+    def __init__(self, engine):
+        r = self.registry = prom.CollectorRegistry()
+        self._requests = prom.Counter("qoq_requests", "HTTP requests by route and status",
+                                      ["route", "status"], registry=r)
+        self._prompt = prom.Counter("qoq_prompt_tokens", "prompt tokens of finished requests",
+                                    registry=r)
+        self._gen = prom.Counter("qoq_generation_tokens", "generated tokens", registry=r)
+        self._ttft = prom.Histogram("qoq_time_to_first_token_seconds", "time to first token",
+                                    buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+                                    registry=r)
+        self._tpot = prom.Histogram("qoq_time_per_output_token_seconds",
+                                    "time per output token after the first",
+                                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+                                             2.5), registry=r)
+        for name, doc, read in (
+                ("qoq_queue_depth", "requests waiting for a slot", lambda: engine.num_waiting),
+                ("qoq_running_requests", "requests in a decode slot", lambda: engine.num_running),
+                ("qoq_kv_pages_in_use", "KV-cache pages in use",
+                 lambda: engine.allocator.num_used),
+                ("qoq_kv_pages_total", "KV-cache pages (the scratch page excluded)",
+                 lambda: engine.num_pages - 1)):
+            prom.Gauge(name, doc, registry=r).set_function(read)
+
+    def request(self, route: str, status: int) -> None:
+        self._requests.labels(route, str(status)).inc()
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def generation_done(self, session) -> None:
+        """Token counts and time per output token of a closed qoq_jax.session.Session."""
+        n_out = len(session.token_ids)
+        self._prompt.inc(session.num_prompt_tokens)
+        self._gen.inc(n_out)
+        if session.first_token_at is not None and n_out > 1:
+            self._tpot.observe((session.last_token_at - session.first_token_at) / (n_out - 1))
+
+    def render(self) -> tuple[str, str]:
+        """(text, content type) for /metrics."""
+        return prom.generate_latest(self.registry).decode(), prom.CONTENT_TYPE_LATEST
