@@ -2,23 +2,31 @@
 
 Llama-3-8B shapes (N x K: fused qkv 6144x4096, o 4096x4096, fused gate/up 28672x4096,
 down 4096x14336), M = 1 .. 4096. W4A8 runs per-channel and g128 with both Pallas kernels
-("triton": w4a8_matmul_pallas, "mosaic": the Hopper kernel w4a8_matmul_mgpu, sm_90 only), and
-g128 with the activation quantization included ("+q": bf16 in, the fused quantize kernel then
-the GEMM the device's "auto" backend picks). Weight copies are rotated so the working set
-exceeds L2; times are medians. JSON keys w4a8_pc_us / w4a8_g128_us are the Triton kernel's,
-mosaic_pc_us / mosaic_g128_us the Mosaic kernel's.
+("triton": pallas_kernels/w4a8_matmul/triton.py, "mosaic": the Hopper kernel
+w4a8_matmul/mosaic_gpu.py, sm_90 only), and g128 with the activation quantization included
+("+q": bf16 in, the fused quantize kernel then the GEMM the device's "auto" backend picks).
+Weight copies are rotated so the working set exceeds L2; times are medians. JSON keys
+w4a8_pc_us / w4a8_g128_us are the Triton kernel's, mosaic_pc_us / mosaic_g128_us the Mosaic
+kernel's.
 
     PYTHONPATH=. python benchmarks/gemm.py [--quick] [--no-mosaic] [--mgpu-sweep]
+    PYTHONPATH=. python benchmarks/gemm.py --cpu-scan [--layers 30] [--repeats 10]
 
 --mgpu-sweep times alternative Mosaic configs (g128, first shape only, candidates deduplicated
 after fitting to the shape) per M and prints the fastest three: the table MGPU_GEMM_CONFIGS in
-pallas_kernels/w4a8_matmul_mgpu.py is untuned until someone runs it.
+pallas_kernels/w4a8_matmul/mosaic_gpu.py is untuned until someone runs it.
+
+--cpu-scan (any machine, meant for CPU) times the CPU route instead: the W4Int8 int8 dot
+(packing.to_int8 once) against the packed XLA reference (nibbles unpacked every call) and a
+float32 einsum, each inside a lax.scan over --layers stacked layers as the model runs them,
+for the default model's shapes (SmolLM2-135M) at M = 2, 16, 512; best of --repeats runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -31,11 +39,14 @@ from _timing import copies_for, header, save, time_fn  # noqa: E402
 from pallas_kernels import packing  # noqa: E402
 from pallas_kernels.quantize import quantize_per_token  # noqa: E402
 from pallas_kernels.w4a8_matmul import w4a8_matmul  # noqa: E402
-from pallas_kernels.w4a8_matmul_mgpu import (MGPU_GEMM_CONFIGS, MgpuGemmConfig,  # noqa: E402
-                                             config_for)
+from pallas_kernels.w4a8_matmul.mosaic_gpu import (MGPU_GEMM_CONFIGS,  # noqa: E402
+                                                   MgpuGemmConfig, config_for)
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 16, 64, 256, 1024, 4096]
+# The default model's projections (SmolLM2-135M, N x K): gate/up, down, q/o, k/v.
+CPU_SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576)]
+CPU_MS = [2, 16, 512]
 
 
 def random_w4(n, k, group, seed):
@@ -53,6 +64,59 @@ def random_w4(n, k, group, seed):
     return packing.W4Group(jnp.asarray(packed),
                            jnp.asarray(rng.uniform(1e-4, 2e-4, n).astype(np.float16)),
                            jnp.asarray(s2), jnp.asarray((z * s2).astype(np.uint8)), group)
+
+
+def best_of(calls: dict, repeats: int) -> dict:
+    """Best wall time of each {name: (fn, args)} over `repeats` rounds after one warm-up; the
+    calls take turns within a round, so a shared, noisy CPU's bursts hit them alike."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def cpu_scan(layers: int, repeats: int, shapes=CPU_SHAPES, ms=CPU_MS) -> list[dict]:
+    """The CPU route vs the packed reference vs float32, each scanned over stacked layers."""
+
+    def scanned(product):  # sum of the layers' products, so that none is dead code
+        def run(x, ws):
+            out = jax.eval_shape(product, x, jax.tree.map(lambda a: a[0], ws))
+            body = lambda acc, w: (acc + product(x, w), None)  # noqa: E731
+            return jax.lax.scan(body, jnp.zeros(out.shape, out.dtype), ws)[0]
+        return jax.jit(run)
+
+    gemm = scanned(lambda a, w: w4a8_matmul(a, w, jnp.float32, backend="xla"))
+    f32 = scanned(lambda x, w: jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32))
+    rows = []
+    print(f"| N x K | M | f32 einsum ms | ref pc ms | int8 pc ms | ref g ms | int8 g ms | "
+          f"pc speed-up | g speed-up | int8 g / f32 |  ({layers} layers per call)")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, k in shapes:
+        g = packing.group_size_for(k, 128)
+        stack = lambda grp: jax.tree.map(  # noqa: E731
+            lambda *a: jnp.stack(a), *[random_w4(n, k, grp, i) for i in range(layers)])
+        pc, gr = stack(None), stack(g)
+        pc8, gr8 = jax.jit(packing.to_int8)(pc), jax.jit(packing.to_int8)(gr)
+        wf = jax.random.normal(jax.random.key(n + k), (layers, n, k), jnp.float32) * 0.02
+        for m in ms:
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32)
+            act = quantize_per_token(x, with_sum=True, backend="xla")
+            t = best_of(dict(f32=(f32, (x, wf)), ref_pc=(gemm, (act, pc)),
+                             int8_pc=(gemm, (act, pc8)), ref_g=(gemm, (act, gr)),
+                             int8_g=(gemm, (act, gr8))), repeats)
+            row = dict(n=n, k=k, m=m, layers=layers, group=g, **{f"{a}_ms": b * 1e3
+                                                                 for a, b in t.items()})
+            rows.append(row)
+            print(f"| {n}x{k} | {m} | {t['f32'] * 1e3:.2f} | {t['ref_pc'] * 1e3:.2f} | "
+                  f"{t['int8_pc'] * 1e3:.2f} | {t['ref_g'] * 1e3:.2f} | {t['int8_g'] * 1e3:.2f} | "
+                  f"{t['ref_pc'] / t['int8_pc']:.1f}x | {t['ref_g'] / t['int8_g']:.1f}x | "
+                  f"{t['int8_g'] / t['f32']:.2f} |", flush=True)
+    return rows
 
 
 def sweep_configs() -> list[MgpuGemmConfig]:
@@ -80,7 +144,15 @@ def main(argv=None):
                     help="skip the Mosaic GPU kernel (it needs sm_90: H100/H200)")
     ap.add_argument("--mgpu-sweep", action="store_true",
                     help="also time candidate Mosaic configs (g128) per shape and M")
+    ap.add_argument("--cpu-scan", action="store_true",
+                    help="time the CPU route (W4Int8) vs the packed reference vs float32 "
+                         "in a scan over stacked layers, the default model's shapes")
+    ap.add_argument("--layers", type=int, default=30, help="stacked layers for --cpu-scan")
+    ap.add_argument("--repeats", type=int, default=10, help="runs per timing for --cpu-scan")
     args = ap.parse_args(argv)
+    if args.cpu_scan:
+        save("gemm_cpu_scan", {**header(), "rows": cpu_scan(args.layers, args.repeats)})
+        return
     shapes = SHAPES[:2] if args.quick else SHAPES
     ms = [1, 16, 64, 256, 1024] if args.quick else MS
     iters = 10 if args.quick else 30

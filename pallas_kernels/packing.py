@@ -28,6 +28,13 @@ Progressive group (``W4Group``, "g128"; group 128, or 64 where K is not a multip
     rescales in floating point.
 
 Rounding is round-half-to-even throughout (numpy's rint), as in the reference implementation.
+
+Runtime INT8 form (``W4Int8``, made by ``to_int8`` from either format; not stored in
+checkpoints): the GEMM's INT8 weight operand [N, K] unpacked once, so that XLA:CPU's
+int8 x int8 -> int32 dot runs it directly (the CPU route of the W4A8 GEMM):
+    per-channel: values = q (0..15), scale = s, szero = szero (the same epilogue)
+    group:       values = w8 = q * s2 - szero, scale = s1, szero = None
+Twice the bytes of the packed weight (1 byte per weight instead of 1/2), same numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import enum
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 CHUNK = 64  # K elements per packed chunk (32 bytes per row)
@@ -75,6 +83,34 @@ class W4Group:
     def shape(self) -> tuple[int, int]:
         n, k2 = self.qweight.shape[-2:]
         return n, 2 * k2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class W4Int8:
+    """The W4 weight as the INT8 operand of the GEMM, unpacked once (``to_int8``): the CPU route.
+
+    values: int8 [..., N, K]. Per-channel: the raw codes q (0..15); progressive group: the
+    exact INT8 level w8 = q * s2 - szero (what the GPU kernels form in registers).
+    scale: fp16 [..., N]: per-channel s, group s1. szero: fp16 [..., N] (per-channel: the zero
+    correction of the epilogue, szero * row_sum) or None (group). The epilogue is the packed
+    formats': y = acc * s_x * scale (- szero * row_sum). A K-slice (values[..., k0:k1], scale
+    and szero unchanged) gives the partial product of those K inputs, as a K-slice of the packed
+    format does (row-parallel tensor parallelism: row_sum is then the slice's own part).
+    """
+
+    values: Any  # int8 [N, K]
+    scale: Any  # fp16 [N]
+    szero: Any = None  # fp16 [N] (per-channel) or None (group)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape[-2:])
+
+    @property
+    def per_channel(self) -> bool:
+        """True for the per-channel format (the epilogue needs the activations' row sums)."""
+        return self.szero is not None
 
 
 class WeightFormat(str, enum.Enum):
@@ -290,3 +326,29 @@ def dequantize(fmt: W4PerChannel | W4Group) -> np.ndarray:
     q = codes(fmt).astype(np.float32)
     return (q * np.asarray(fmt.scale, np.float32)[:, None]
             - np.asarray(fmt.szero, np.float32)[:, None])
+
+
+def unpack_uint4_jnp(qweight: jax.Array) -> jax.Array:
+    """uint8 [..., N, K/2] -> int32 codes [..., N, K] in jnp (jit-able); as unpack_uint4."""
+    *lead, k2 = qweight.shape
+    c = qweight.astype(jnp.int32).reshape(*lead, k2 // HALF, 1, HALF)
+    return jnp.concatenate([c & 0xF, c >> 4], axis=-2).reshape(*lead, 2 * k2)
+
+
+def to_int8(w: W4PerChannel | W4Group) -> W4Int8:
+    """A packed W4 weight -> W4Int8, the GEMM's INT8 operand unpacked once (pure jnp, jit-able;
+    leading axes, e.g. the stacked layers' [L, ...], are kept). Exact: the same integers the
+    GEMM multiplies, the same scales."""
+    if isinstance(w, W4Int8):
+        return w
+    if not isinstance(w, (W4PerChannel, W4Group)):
+        raise TypeError(f"to_int8 takes W4PerChannel or W4Group, not {type(w).__name__}")
+    q = unpack_uint4_jnp(jnp.asarray(w.qweight))
+    if isinstance(w, W4PerChannel):
+        return W4Int8(q.astype(jnp.int8), w.scale, w.szero)
+    *lead, n, k = q.shape
+    g = w.group_size
+    s2 = jnp.swapaxes(jnp.asarray(w.s2).astype(jnp.int32), -1, -2)[..., None]  # [..., N, K/g, 1]
+    sz = jnp.swapaxes(jnp.asarray(w.szero).astype(jnp.int32), -1, -2)[..., None]
+    w8 = q.reshape(*lead, n, k // g, g) * s2 - sz
+    return W4Int8(w8.reshape(*lead, n, k).astype(jnp.int8), w.s1, None)

@@ -1,5 +1,6 @@
 """The W4A8 GEMM's Triton kernel (interpret mode on CPU, compiled on a GPU) vs the XLA reference vs
-an independent NumPy int64 reference. The Mosaic GPU kernel: tests/test_w4a8_mgpu.py."""
+an independent NumPy int64 reference; the package's import layering. The Mosaic GPU kernel:
+tests/test_w4a8_mgpu.py; the CPU route (W4Int8): tests/test_w4a8_int8.py."""
 
 import dataclasses
 
@@ -162,3 +163,30 @@ def test_every_config_lowers_for_h100(variant, m):
         text = lower_for_h100(
             lambda a, w: w4a8_matmul(a, w, jnp.bfloat16, backend="triton", config=cfg), act, w)
         assert TRITON_CALL in text
+
+
+def test_package_layers_import_no_cycle():
+    """pallas_kernels/w4a8_matmul/: the kernels import xla.py only, xla.py no module of the
+    package, and the public __init__ none that imports it back (the Mosaic GPU module lazily)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "pallas_kernels" / "w4a8_matmul"
+    prefix = "pallas_kernels.w4a8_matmul"
+    allowed = {"xla.py": set(), "triton.py": {prefix + ".xla"},
+               "mosaic_gpu.py": {prefix + ".xla"}}
+    for name, ok in allowed.items():
+        tree = ast.parse((pkg / name).read_text())
+        mods = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        mods |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+        assert {m for m in mods if m and m.startswith(prefix)} == ok, name
+    code = ("import sys, pallas_kernels\n"
+            "assert 'jax.experimental.pallas.mosaic_gpu' not in sys.modules\n"
+            "from pallas_kernels.w4a8_matmul import MgpuGemmConfig, mgpu_config_for\n"
+            "assert 'pallas_kernels.w4a8_matmul.mosaic_gpu' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=pkg.parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -17,8 +17,8 @@ from pallas_kernels import resolve_gemm_backend
 from pallas_kernels._common import default_backend, gemm_backend
 from pallas_kernels.quantize import QuantizedActivation
 from pallas_kernels.w4a8_matmul import GemmConfig, w4a8_matmul, w4a8_matmul_xla
-from pallas_kernels.w4a8_matmul_mgpu import (MGPU_GEMM_CONFIGS, MgpuGemmConfig, config_for,
-                                             permute_activations, w4a8_matmul_mgpu)
+from pallas_kernels.w4a8_matmul.mosaic_gpu import (MGPU_GEMM_CONFIGS, MgpuGemmConfig, config_for,
+                                                   permute_activations, w4a8_matmul_mgpu)
 
 # The kernel-test switch: Mosaic GPU interpret mode on CPU, the compiled kernel on a GPU.
 INTERPRET = not on_gpu()

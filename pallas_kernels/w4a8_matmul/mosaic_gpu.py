@@ -1,6 +1,7 @@
 """The W4A8 GEMM for Hopper (sm_90) in Pallas Mosaic GPU: TMA pipeline, s8 wgmma, s32 accumulators.
 
-Same math and epilogue as ``w4a8_matmul.w4a8_matmul_xla`` (formats: pallas_kernels/packing.py):
+Same math and epilogue as the XLA reference ``xla.w4a8_matmul_xla`` (formats:
+pallas_kernels/packing.py):
 
     y[m, n] = epilogue(sum_k x_q[m, k] * w_int[n, k])
     per-channel: w_int = q (0..15);          y = acc * s_x[m] * scale[n] - szero[n] * row_sum[m]
@@ -75,7 +76,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.packing import CHUNK, FormatError, W4Group, W4PerChannel
 from pallas_kernels.quantize import QuantizedActivation
-from pallas_kernels.w4a8_matmul import _check, _epilogue
+from pallas_kernels.w4a8_matmul.xla import _check, _epilogue
 
 H100_NUM_SMS = 132
 WGMMA_M = 64  # Hopper's fixed wgmma M
@@ -275,7 +276,7 @@ def _kernel(*refs, per_channel: bool, cfg: MgpuGemmConfig, k_steps: int, group: 
     for i in range(len(vecs)):
         plgpu.barrier_wait(bar.at[i])
     f32 = lambda i: vec_smem[i][...].astype(jnp.float32)
-    # in the order of w4a8_matmul._epilogue: acc * s_x, then * scale, then - szero * row_sum
+    # in the order of xla._epilogue: acc * s_x, then * scale, then - szero * row_sum
     y = acc.astype(jnp.float32) * f32(0)[None, :]
     if per_channel:
         y = y * f32(2)[:, None]
