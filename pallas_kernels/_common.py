@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 
@@ -27,34 +25,12 @@ def round_half_even(v: jax.Array) -> jax.Array:
     return jnp.where(up, f + 1.0, f)
 
 
-_auto_override: list[str] = []
-
-
-@contextlib.contextmanager
-def default_backend(backend: str):
-    """Within the block, backend="auto" means `backend` ("pallas", "xla", "mosaic", "triton").
-
-    Lets a whole model be traced with the Pallas kernels on a machine without a GPU (to lower it
-    for CUDA), or with the XLA references on a GPU (to compare). "mosaic" and "triton" pick the
-    W4A8 GEMM's kernel and mean "pallas" for every other op (they have Triton kernels only).
-    Transitional: the model will carry its resolved GEMM backend (resolve_gemm_backend) itself.
-    """
-    if backend not in ("pallas", "xla", "mosaic", "triton"):
-        raise ValueError("default backend must be 'pallas', 'xla', 'mosaic' or 'triton', "
-                         f"not {backend!r}")
-    _auto_override.append(backend)
-    try:
-        yield
-    finally:
-        _auto_override.pop()
-
-
 def use_pallas(backend: str, interpret: bool) -> bool:
-    """auto = Pallas on a GPU, XLA elsewhere; interpret=True runs the Pallas kernel on CPU."""
-    if backend == "auto" and _auto_override:
-        backend = _auto_override[-1]
-        if backend in ("mosaic", "triton"):
-            backend = "pallas"
+    """auto = Pallas on a GPU, XLA elsewhere; interpret=True runs the Pallas kernel on CPU.
+
+    The engine and the model never pass "auto" (they decide their kernels once, when they are
+    built for their platform: kv_cache.kernel_backend, W4A8Linear.gemm_backend); "auto" is for
+    calling a kernel directly."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if interpret:
@@ -103,9 +79,7 @@ def resolve_gemm_backend(backend: str, device=None) -> str:
 
 
 def gemm_backend(backend: str, interpret: bool, device=None) -> str:
-    """resolve_gemm_backend under default_backend's override; interpret=True needs a kernel."""
-    if backend == "auto" and _auto_override:
-        backend = _auto_override[-1]
+    """resolve_gemm_backend, where interpret=True needs a kernel."""
     if interpret and backend == "auto":
         backend = "pallas"
     name = resolve_gemm_backend(backend, device)
@@ -116,6 +90,20 @@ def gemm_backend(backend: str, interpret: bool, device=None) -> str:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def pair_lone_rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    """x with a lone row (size 1 along `axis`) paired with a copy of itself; else x unchanged.
+
+    XLA:CPU computes a row of a dot the same way for any number of rows >= 2 (checked for
+    every count from 2 to 4096 in the [M, K] x [N, K] layout, the one the model uses), but a
+    single row goes through a matrix-vector kernel that sums in another order. Pairing keeps a
+    row's result independent of how many rows share its dot: batch invariance. The caller
+    drops the copy's result. Done on every backend, so a program's shapes never depend on it.
+    """
+    if x.shape[axis] != 1:
+        return x
+    return jnp.concatenate([x, x], axis=axis)
 
 
 def fixed_order_sum(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:

@@ -106,10 +106,10 @@ def rope_halves(lo, hi, cos, sin):
 
 
 def _rope_f32(k, cos, sin):
-    """k [B, T, H, D] before RoPE, cos/sin [B, T, D/2] -> roped k in float32."""
+    """k [..., H, D] before RoPE, cos/sin [..., D/2] -> roped k in float32."""
     half = k.shape[-1] // 2
     kf = k.astype(jnp.float32)
-    lo, hi = rope_halves(kf[..., :half], kf[..., half:], cos[:, :, None, :], sin[:, :, None, :])
+    lo, hi = rope_halves(kf[..., :half], kf[..., half:], cos[..., None, :], sin[..., None, :])
     return jnp.concatenate([lo, hi], axis=-1)
 
 
@@ -118,12 +118,13 @@ def _rope_f32(k, cos, sin):
 
 
 def kv4_write_xla(pools, layer, k, v, cos, sin, page, slot, ratios=RANGE_RATIOS):
-    """pools = (kq, ks, kz, vq, vs, vz); k/v [B, T, Hkv, D] (k before RoPE); cos/sin [B, T, D/2];
-    page/slot [B, T] int32; layer: int32 scalar. Returns the updated pools."""
+    """pools = (kq, ks, kz, vq, vs, vz); k/v [..., Hkv, D] (k before RoPE; any leading token
+    dims: [T] for a ragged batch); cos/sin [..., D/2]; page/slot [...] int32; layer: int32
+    scalar. Returns the updated pools."""
     kq, ks, kz, vq, vs, vz = pools
     k_codes, k_scale, k_zero = quantize_kv4(_rope_f32(k, cos, sin), ratios)
     v_codes, v_scale, v_zero = quantize_kv4(v, ratios)
-    # (layer, page, :, slot) indexing puts the [B, T] dims first: values are [B, T, Hkv, ...].
+    # (layer, page, :, slot) indexing puts the token dims first: values are [..., Hkv, ...].
     at = (layer, page, slice(None), slot)
     return (kq.at[at].set(k_codes), ks.at[at].set(k_scale), kz.at[at].set(k_zero),
             vq.at[at].set(v_codes), vs.at[at].set(v_scale), vz.at[at].set(v_zero))
@@ -159,9 +160,11 @@ def _write_kernel(k_ref, v_ref, cos_ref, sin_ref, page_ref, slot_ref, layer_ref,
 
 def kv4_write_pallas(pools, layer, k, v, cos, sin, page, slot, *, interpret: bool = False,
                      ratios: tuple[float, ...] = RANGE_RATIOS):
-    b, t, hkv, d = k.shape
+    *lead, hkv, d = k.shape
     half = d // 2
-    n = b * t
+    n = 1
+    for size in lead:
+        n *= size
     token = lambda i, h: (i, h, 0)  # noqa: E731
     scalar = pl.BlockSpec((1,), lambda i, h: (i,))
     whole = pl.BlockSpec(memory_space=pl.ANY)

@@ -107,10 +107,12 @@ class LLM:
                 yield d.text
 
     def score(self, token_ids: Sequence[int], *, seq_len: int, **kw):
-        """Log-probabilities of every next token, in windows of seq_len (see Engine.score)."""
+        """Log-probabilities of every next token, in windows of seq_len (qoq_jax.eval.scoring)."""
+        from qoq_jax.eval.scoring import score
+
         n = len(token_ids) // seq_len
         windows = np.asarray(token_ids[:n * seq_len], np.int32).reshape(n, seq_len)
-        return self.engine.score(windows, **kw)
+        return score(self.engine, windows, **kw)
 
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,

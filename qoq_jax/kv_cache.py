@@ -8,9 +8,14 @@ as scratch: writes for padding positions and finished sequences are sent there, 
 batch never touches another sequence's pages.
 
 Both cache classes have the same interface, which is all the model sees:
-``write(layer, k, v, cos, sin, page, slot)`` (k before RoPE) and
-``attention(q, layer, page_table, start, kv_lens, splits)`` (queries of a decode step or of a
-prefill chunk, over every key the cache holds for their sequence).
+``write(layer, k, v, cos, sin, page, slot)`` (k [T, Hkv, D] before RoPE, one (page, slot) per
+token of a ragged batch's flat axis) and ``attention(q, layer, layout, splits)`` (the batch's
+queries [T, Hq, D], decode rows and prefill chunks alike, each over every key the cache holds
+for its sequence up to its position; ``layout`` is the batch's RaggedLayout).
+
+A cache also carries, as static data (part of every program's cache key), which kernels run
+on it: ``backend="pallas"`` (the Pallas kernels: a GPU, or a lowering test) or ``"xla"`` (the
+references: CPU). It is decided once, when the engine builds its pools for its platform.
 """
 
 from __future__ import annotations
@@ -22,11 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.kv4 import RANGE_RATIOS, kv4_write
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention import RaggedLayout, ragged_paged_attention
 from qoq_jax.layers import apply_rope
 
 SCRATCH_PAGE = 0
 KV_CACHE_KINDS = ("16bit", "kv4", "kv4-minmax")
+KERNEL_BACKENDS = ("pallas", "xla")
+
+
+def kernel_backend(platform: str | None = None) -> str:
+    """The cache kernels for a platform: the Pallas kernels on a GPU, the XLA references
+    elsewhere (platform: "gpu", "cuda", "cpu", ...; default: jax's default backend)."""
+    platform = jax.default_backend() if platform is None else platform
+    return "pallas" if platform in ("gpu", "cuda", "rocm") else "xla"
+
+
+def _static(default):
+    return dataclasses.field(default=default, metadata=dict(static=True))
 
 
 class _PagePools:
@@ -50,23 +67,24 @@ class PagedKVCache(_PagePools):
 
     k: jax.Array
     v: jax.Array
+    backend: str = _static("xla")
 
     @classmethod
     def zeros(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-              head_dim: int, dtype) -> "PagedKVCache":
+              head_dim: int, dtype, backend: str = "xla") -> "PagedKVCache":
         shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), backend=backend)
 
     def write(self, layer, k, v, cos, sin, page, slot) -> "PagedKVCache":
-        """RoPE the keys, then scatter k/v [B, T, Hkv, D] at (page, slot) [B, T] of `layer`."""
+        """RoPE the keys, then scatter k/v [T, Hkv, D] at (page, slot) [T] of `layer`."""
         k = apply_rope(k, cos, sin)
-        at = (layer, page, slice(None), slot)  # the [B, T] index dims come first
-        return PagedKVCache(self.k.at[at].set(k.astype(self.k.dtype)),
-                            self.v.at[at].set(v.astype(self.v.dtype)))
+        at = (layer, page, slice(None), slot)  # the token index dims come first
+        return dataclasses.replace(self, k=self.k.at[at].set(k.astype(self.k.dtype)),
+                                   v=self.v.at[at].set(v.astype(self.v.dtype)))
 
-    def attention(self, q, layer, page_table, start, kv_lens, splits: int = 1):
-        return paged_attention(q, self.k, self.v, layer, page_table, start, kv_lens,
-                               splits=splits)
+    def attention(self, q, layer, layout: RaggedLayout, splits: int = 1):
+        return ragged_paged_attention(q, self.k, self.v, layer, layout, splits=splits,
+                                      backend=self.backend)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
@@ -87,17 +105,18 @@ class PagedKV4Cache(_PagePools):
     v: jax.Array
     v_scale: jax.Array
     v_zero: jax.Array
+    backend: str = _static("xla")
 
     @classmethod
     def zeros(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-              head_dim: int, dtype=None) -> "PagedKV4Cache":
+              head_dim: int, dtype=None, backend: str = "xla") -> "PagedKV4Cache":
         del dtype  # the format fixes every dtype
         codes = (num_layers, num_pages, num_kv_heads, page_size, head_dim // 2)
         stats = codes[:-1]
         # six distinct buffers (they are donated; a shared one could not be)
         return cls(*(f(shape, dtype) for _ in range(2) for f, shape, dtype in (
             (jnp.zeros, codes, jnp.uint8), (jnp.ones, stats, jnp.float16),
-            (jnp.zeros, stats, jnp.float16))))
+            (jnp.zeros, stats, jnp.float16))), backend=backend)
 
     def _pools(self):
         return (self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero)
@@ -105,12 +124,13 @@ class PagedKV4Cache(_PagePools):
     def write(self, layer, k, v, cos, sin, page, slot) -> "PagedKV4Cache":
         """Fused RoPE + KV4 quantization + paged write (one kernel on a GPU)."""
         return type(self)(*kv4_write(self._pools(), layer, k, v, cos, sin, page, slot,
-                                     ratios=self.range_ratios))
+                                     ratios=self.range_ratios, backend=self.backend),
+                          backend=self.backend)
 
-    def attention(self, q, layer, page_table, start, kv_lens, splits: int = 1):
-        return paged_attention(q, self.k, self.v, layer, page_table, start, kv_lens,
-                               kv4_scales=(self.k_scale, self.k_zero, self.v_scale, self.v_zero),
-                               splits=splits)
+    def attention(self, q, layer, layout: RaggedLayout, splits: int = 1):
+        return ragged_paged_attention(
+            q, self.k, self.v, layer, layout, splits=splits, backend=self.backend,
+            kv4_scales=(self.k_scale, self.k_zero, self.v_scale, self.v_zero))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=None) -> int:
@@ -140,20 +160,23 @@ def kv_range_ratios(kind: str) -> tuple[float, ...]:
 
 
 def make_cache(kind: str, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
-               head_dim: int, dtype):
+               head_dim: int, dtype, backend: str = "xla"):
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"cache kernels must be one of {KERNEL_BACKENDS}, not {backend!r}")
     return cache_class(kind).zeros(num_layers, num_pages, page_size, num_kv_heads, head_dim,
-                                   dtype)
+                                   dtype, backend=backend)
 
 
-def slot_indices(page_table: jax.Array, positions: jax.Array, valid: jax.Array,
+def slot_indices(page_table: jax.Array, token_seq: jax.Array, positions: jax.Array,
                  page_size: int) -> tuple[jax.Array, jax.Array]:
-    """(page, slot) of each token position; invalid ones map to the scratch page.
+    """(page, slot) of each token of a ragged batch; padding tokens (token_seq < 0) map to the
+    scratch page.
 
-    page_table [B, maxp]; positions, valid [B, T] -> two [B, T] int32 arrays.
+    page_table [S, max_pages] (one row per sequence); token_seq, positions [T] -> two [T] int32.
     """
-    page_col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
-    page = jnp.take_along_axis(page_table, page_col, axis=1)
-    page = jnp.where(valid, page, SCRATCH_PAGE)
+    col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    page = page_table[jnp.maximum(token_seq, 0), col]
+    page = jnp.where(token_seq >= 0, page, SCRATCH_PAGE)
     return page.astype(jnp.int32), (positions % page_size).astype(jnp.int32)
 
 

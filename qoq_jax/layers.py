@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels._common import fixed_order_sum, resolve_gemm_backend
+from pallas_kernels._common import fixed_order_sum, pair_lone_rows, resolve_gemm_backend
 from pallas_kernels.packing import W4Group, W4PerChannel, WeightFormat
 from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rmsnorm_quantize,
                                      silu_mul_quantize)
@@ -28,14 +28,13 @@ def rowwise_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     Batch invariance of the float path: XLA:CPU computes a row of this product the same way
     for every number of rows >= 2 (checked for every row count from 2 to 4096, and by the
     engine's batch-invariance tests), but a single row goes through a matrix-vector kernel
-    that sums in another order. So on CPU a lone row is paired with a copy of itself.
+    that sums in another order, so a lone row is paired with a copy (pair_lone_rows). The
+    [N, K] weight layout matters too: with [K, N] weights XLA:CPU blocks K by the row count.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     m = rows.shape[0]
-    if m == 1 and jax.default_backend() == "cpu":
-        rows = jnp.concatenate([rows, rows])
-    y = jnp.einsum("mk,nk->mn", rows, w, preferred_element_type=jnp.float32)
+    y = jnp.einsum("mk,nk->mn", pair_lone_rows(rows), w, preferred_element_type=jnp.float32)
     return y[:m].reshape(*lead, w.shape[0])
 
 
@@ -100,6 +99,12 @@ class W4A8Linear(nnx.Module):
     def needs_row_sum(self) -> bool:
         return not self.weight_format.is_group
 
+    @property
+    def act_backend(self) -> str:
+        """The activation-quantization kernels that go with the GEMM: Pallas beside a Pallas
+        GEMM (a GPU, or a lowering test), the XLA references beside the XLA GEMM (CPU)."""
+        return "xla" if self.gemm_backend == "xla" else "pallas"
+
     def packed_weight(self) -> W4PerChannel | W4Group:
         """The weight as the GEMM takes it (packing.W4PerChannel or W4Group)."""
         if not self.weight_format.is_group:
@@ -115,7 +120,7 @@ class W4A8Linear(nnx.Module):
         from in_/out_features, so that a tensor-parallel shard (a slice of N, or of K on group
         boundaries) runs through the same code."""
         act = x if isinstance(x, QuantizedActivation) else quantize_per_token(
-            x, with_sum=self.needs_row_sum)
+            x, with_sum=self.needs_row_sum, backend=self.act_backend)
         lead = act.values.shape[:-1]
         k = self.qweight.shape[-1] * 2
         flat = QuantizedActivation(
@@ -134,14 +139,16 @@ def norm_input(norm: "RMSNorm", x: jax.Array, consumer: nnx.Module):
     """The normalised input of `consumer`: a float array, or for a W4A8 consumer the INT8
     activation straight from the fused RMSNorm + quantization kernel."""
     if isinstance(consumer, W4A8Linear):
-        return rmsnorm_quantize(x, norm.weight[...], norm.eps, with_sum=consumer.needs_row_sum)
+        return rmsnorm_quantize(x, norm.weight[...], norm.eps, with_sum=consumer.needs_row_sum,
+                                backend=consumer.act_backend)
     return norm(x)
 
 
 def swiglu_input(gate: jax.Array, up: jax.Array, consumer: nnx.Module):
     """SiLU(gate) * up for `consumer` (down_proj), fused with its quantization when W4A8."""
     if isinstance(consumer, W4A8Linear):
-        return silu_mul_quantize(gate, up, with_sum=consumer.needs_row_sum)
+        return silu_mul_quantize(gate, up, with_sum=consumer.needs_row_sum,
+                                 backend=consumer.act_backend)
     return jax.nn.silu(gate) * up
 
 

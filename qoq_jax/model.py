@@ -2,25 +2,27 @@
 
 The modules hold the weights, named after Hugging Face's so that loading is a mechanical
 mapping; the decoder layers are created once with a leading layer axis (``nnx.vmap``) and run
-with ``lax.scan``, so a 30- or 80-layer model compiles as one layer. Two free functions run it:
+with ``lax.scan``, so a 30- or 80-layer model compiles as one layer. One free function runs it:
 
-- ``forward``: a chunk of tokens per sequence at given positions; writes their K/V into the
-  paged cache and attends over everything the cache holds for the sequence up to each query.
-  A decode step is a chunk of one token; a long prompt is several chunks, so prefill memory is
-  bounded by the chunk, not the prompt.
-- ``prefill`` (whole prompts from position 0) and ``decode_step`` (one token per sequence) are
-  the two common uses of it.
+- ``forward(model, batch, cache)``: a ragged batch (``TokenBatch``): a flat axis of tokens from
+  several sequences (decode rows of one token, prefill chunks of many, mixed freely), each at
+  its positions; writes their K/V into the paged cache, then every token attends over what the
+  cache holds for its sequence up to its own position. A long prompt is several chunks, so
+  prefill memory is bounded by the chunk, not the prompt.
+- ``TokenBatch.padded`` builds a batch from [B, T] right-padded rows, and ``prefill`` /
+  ``decode_step`` are the two common uses of it (tests, notebooks).
 
 The cache is a ``PagedKVCache`` (16-bit) or a ``PagedKV4Cache`` (QServe's 4-bit KV); the model
 only calls its ``write`` and ``attention``. Attention and cache writes go through
-``pallas_kernels`` (XLA reference on CPU, Pallas on GPU). Unlike QServe, prefill attends over
-K/V as the cache stores them (KV4: quantized), not over the fresh 16-bit values: a token is then
-computed the same way in a prompt, a later chunk or a decode step, which chunked prefill and
-recompute preemption need.
+``pallas_kernels`` (which kernels: the cache's static ``backend``). Unlike QServe, prefill
+attends over K/V as the cache stores them (KV4: quantized), not over the fresh 16-bit values: a
+token is then computed the same way in a prompt, a later chunk or a decode step, which chunked
+prefill and recompute preemption need.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -30,6 +32,7 @@ from flax import nnx
 
 from qoq_jax.config import ModelConfig, rope_inv_freq
 from qoq_jax.hf import CheckpointError
+from pallas_kernels.paged_attention import ragged_layout
 from qoq_jax.kv_cache import slot_indices
 from qoq_jax.quant.hadamard import rotation_matrix
 from pallas_kernels.quantize import QuantizedActivation, quantize_sharded_rows
@@ -93,12 +96,12 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
     axis: None, or the mesh axis this runs sharded over (inside shard_map, tensor parallel):
     the layer then holds its shard of the heads and MLP channels (head counts come from the
     arrays' shapes), and o_proj / down_proj sum their partial products over `axis`."""
-    b, t, _ = x.shape
+    lead = x.shape[:-1]  # [T] for a ragged batch ([B, T] in calibration)
     attn = layer.self_attn
     h = norm_input(layer.input_layernorm, x, attn.q_proj)  # float, or INT8 for W4A8 layers
-    q = attn.q_proj(h).reshape(b, t, -1, cfg.head_dim)
-    k = attn.k_proj(h).reshape(b, t, -1, cfg.head_dim)
-    v = attn.v_proj(h).reshape(b, t, -1, cfg.head_dim)
+    q = attn.q_proj(h).reshape(*lead, -1, cfg.head_dim)
+    k = attn.k_proj(h).reshape(*lead, -1, cfg.head_dim)
+    v = attn.v_proj(h).reshape(*lead, -1, cfg.head_dim)
     if cfg.key_rotation:
         # Rotate q and k per head after RoPE (scores unchanged); the cache then gets keys that
         # already carry RoPE, so its fused RoPE runs with the identity angles (cos 1, sin 0).
@@ -106,10 +109,10 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
         if cfg.key_scale:
             k, q = scale_keys(k, q, attn.key_scale[...])
         cache = cache.write(layer_idx, k, v, jnp.ones_like(cos), jnp.zeros_like(sin), page, slot)
-        o = attend(q, cache, layer_idx).reshape(b, t, -1)
+        o = attend(q, cache, layer_idx).reshape(*lead, -1)
     else:
         cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
-        o = attend(apply_rope(q, cos, sin), cache, layer_idx).reshape(b, t, -1)
+        o = attend(apply_rope(q, cos, sin), cache, layer_idx).reshape(*lead, -1)
     x = x + (attn.o_proj(o) if axis is None else _row_parallel(attn.o_proj, o, axis))
     x = x + _mlp(layer.mlp, norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj),
                  axis)
@@ -123,12 +126,12 @@ def rotate_heads(x: jax.Array) -> jax.Array:
 
 
 def scale_keys(k: jax.Array, q: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """k [B, T, Hkv, D] / scale [Hkv, D] and q [B, T, Hq, D] x scale (each query head by its
+    """k [..., Hkv, D] / scale [Hkv, D] and q [..., Hq, D] x scale (each query head by its
     KV head's row): q.k is unchanged, but the KV4 cache rounds the scaled keys."""
-    b, t, hkv, d = k.shape
+    *lead, hkv, d = k.shape
     s = scale.astype(jnp.float32)
     k_s = (k.astype(jnp.float32) / s).astype(k.dtype)
-    q_s = (q.astype(jnp.float32).reshape(b, t, hkv, -1, d) * s[:, None]).reshape(q.shape)
+    q_s = (q.astype(jnp.float32).reshape(*lead, hkv, -1, d) * s[:, None]).reshape(q.shape)
     return k_s, q_s.astype(q.dtype)
 
 
@@ -152,10 +155,69 @@ def _mlp(mlp: MLP, h, axis):
     return _row_parallel(mlp.down_proj, act, axis)
 
 
-def _run_layers(model: Transformer, x, positions, valid, cache, page_table, attend, axis=None):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    """A ragged batch: T tokens of up to S sequences on one flat axis (int32 unless said).
+
+    Per token [T]: ``tokens``, ``positions`` and ``token_seq`` (its sequence, -1 for padding:
+    no K/V is stored for it, its output is garbage). Per sequence [S]: ``q_start`` (index of
+    its first token), ``q_len`` (its tokens here; 0 for an unused row), ``kv_len`` (keys it has
+    once this batch is written: its last position + 1), ``page_table`` [S, max_pages] (its
+    pages; unused entries the scratch page). A sequence's tokens are consecutive on the axis
+    at consecutive positions; decode rows are sequences of one token.
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    token_seq: jax.Array
+    q_start: jax.Array
+    q_len: jax.Array
+    kv_len: jax.Array
+    page_table: jax.Array
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def last_token(self) -> jax.Array:
+        """[S] index of each sequence's last token (where its next-token logits are)."""
+        return jnp.maximum(self.q_start + self.q_len - 1, 0)
+
+    @property
+    def q_pos0(self) -> jax.Array:
+        """[S] position of each sequence's first token here."""
+        return self.kv_len - self.q_len
+
+    @classmethod
+    def padded(cls, tokens, start, lengths, page_table) -> "TokenBatch":
+        """Rows [B, Q] right-padded (row b: lengths[b] real tokens at positions start[b] + i,
+        pages page_table[b]) as a ragged batch of B sequences on a flat axis of B * Q."""
+        b, q = tokens.shape
+        i = jnp.arange(q, dtype=jnp.int32)[None, :]
+        real = i < lengths[:, None]
+        seq = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, q))
+        return cls(tokens=tokens.reshape(-1).astype(jnp.int32),
+                   positions=(start[:, None] + i).reshape(-1).astype(jnp.int32),
+                   token_seq=jnp.where(real, seq, -1).reshape(-1),
+                   q_start=(jnp.arange(b, dtype=jnp.int32) * q),
+                   q_len=lengths.astype(jnp.int32),
+                   kv_len=(start + lengths).astype(jnp.int32),
+                   page_table=page_table.astype(jnp.int32))
+
+
+# Query tokens per attention work item in a batch with prefill chunks (decode-only batches use
+# 1: one item per row). A sequence is cut into items from its first token, so the cut never
+# depends on the rest of the batch.
+PREFILL_BLOCK_Q = 16
+
+
+def _run_layers(model: Transformer, x, batch: TokenBatch, cache, attend, axis=None):
     cfg = model.config
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(cfg))
-    page, slot = slot_indices(page_table, positions, valid, cache.page_size)
+    cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(cfg))
+    page, slot = slot_indices(batch.page_table, batch.token_seq, batch.positions,
+                              cache.page_size)
     graphdef, stacked = nnx.split(model.layers)
 
     def body(carry, xs):
@@ -169,16 +231,15 @@ def _run_layers(model: Transformer, x, positions, valid, cache, page_table, atte
     return x, cache
 
 
-def forward(model: Transformer, tokens: jax.Array, start: jax.Array, lengths: jax.Array, cache,
-            page_table: jax.Array, *, splits: int = 1, all_logits: bool = False, mesh=None):
-    """The one forward pass: a chunk of tokens [B, Q] per sequence, at positions start[b] + i.
+def forward(model: Transformer, batch: TokenBatch, cache, *, block_q: int = PREFILL_BLOCK_Q,
+            splits: int = 1, all_logits: bool = False, mesh=None):
+    """The one forward pass over a ragged batch (see TokenBatch). Returns (logits, cache):
+    logits [S, V] at each sequence's last token, or [T, V] at every token with all_logits.
 
-    The first lengths[b] tokens of a row are real (the rest pad the chunk and write to the
-    scratch page only). Their K/V are written to the cache, then every query attends over all
-    the keys its sequence has in the cache up to its own position: the pages earlier chunks
-    or steps wrote, and this chunk's. A decode step is Q = 1 (lengths 0 for idle rows); a
-    prompt is one or more chunks. Returns (logits, cache): logits [B, V] at each row's last real
-    token, or [B, Q, V] with all_logits. `splits` splits long decode contexts on a GPU.
+    K/V of the real tokens are written to the cache first, then every query attends over all
+    the keys its sequence has in the cache up to its own position. ``block_q``: queries per
+    attention work item (1 for decode-only batches); ``splits`` splits long decode contexts on
+    a GPU. Both are static.
 
     mesh: a Mesh (or AbstractMesh) with a "tp" axis of size > 1 runs the pass tensor-parallel
     (qoq_jax.sharding): per device under shard_map, the weights and the cache split by the
@@ -187,12 +248,11 @@ def forward(model: Transformer, tokens: jax.Array, start: jax.Array, lengths: ja
     from qoq_jax import sharding
 
     if sharding.tp_size(mesh) > 1:
-        return _forward_sharded(model, tokens, start, lengths, cache, page_table, splits,
-                                all_logits, mesh)
-    return _forward_local(model, tokens, start, lengths, cache, page_table, splits, all_logits)
+        return _forward_sharded(model, batch, cache, block_q, splits, all_logits, mesh)
+    return _forward_local(model, batch, cache, block_q, splits, all_logits)
 
 
-def _forward_sharded(model, tokens, start, lengths, cache, page_table, splits, all_logits, mesh):
+def _forward_sharded(model, batch, cache, block_q, splits, all_logits, mesh):
     from jax.sharding import PartitionSpec as P
 
     from qoq_jax import sharding
@@ -201,17 +261,17 @@ def _forward_sharded(model, tokens, start, lengths, cache, page_table, splits, a
     leaves, treedef = jax.tree.flatten(state)
     cache_specs = sharding.cache_specs(cache)
 
-    def local(leaves, tokens, start, lengths, cache, page_table):
+    def local(leaves, batch, cache):
         shard = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-        return _forward_local(shard, tokens, start, lengths, cache, page_table, splits,
-                              all_logits, axis=sharding.AXIS)
+        return _forward_local(shard, batch, cache, block_q, splits, all_logits,
+                              axis=sharding.AXIS)
 
-    vocab = P(None, None, sharding.AXIS) if all_logits else P(None, sharding.AXIS)
+    batch_specs = jax.tree.map(lambda _: P(), batch)
     # check_vma=False: the Pallas kernels have no replication rules
     run = jax.shard_map(local, mesh=mesh, check_vma=False,
-                        in_specs=(sharding.state_specs(state), P(), P(), P(), cache_specs, P()),
-                        out_specs=(vocab, cache_specs))
-    return run(leaves, tokens, start, lengths, cache, page_table)
+                        in_specs=(sharding.state_specs(state), batch_specs, cache_specs),
+                        out_specs=(P(None, sharding.AXIS), cache_specs))
+    return run(leaves, batch, cache)
 
 
 def _embed(model: Transformer, tokens, axis):
@@ -225,28 +285,29 @@ def _embed(model: Transformer, tokens, axis):
     return jax.lax.psum(jnp.where(inside[..., None], x, jnp.zeros_like(x)), axis)
 
 
-def _forward_local(model, tokens, start, lengths, cache, page_table, splits, all_logits,
-                   axis=None):
-    b, t = tokens.shape
-    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    valid = jnp.arange(t)[None, :] < lengths[:, None]
-    kv_lens = start + lengths
+def _forward_local(model, batch: TokenBatch, cache, block_q, splits, all_logits, axis=None):
+    t = batch.num_tokens
+    layout = ragged_layout(batch.q_start, batch.q_len, batch.q_pos0, batch.kv_len,
+                           batch.page_table, num_tokens=t, block_q=block_q)
 
     def attend(q, cache, layer_idx):
-        return cache.attention(q, layer_idx, page_table, start, kv_lens, splits)
+        return cache.attention(q, layer_idx, layout, splits)
 
-    x = _embed(model, tokens, axis)
-    h, cache = _run_layers(model, x, positions, valid, cache, page_table, attend, axis)
+    x = _embed(model, batch.tokens, axis)
+    h, cache = _run_layers(model, x, batch, cache, attend, axis)
     if not all_logits:
-        h = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
+        h = h[batch.last_token]
     return model.logits(h), cache
 
 
 def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, cache,
             page_table: jax.Array, *, all_logits: bool = False):
-    """Whole prompts in one chunk: tokens [B, T] right-padded, lengths [B] (see forward)."""
-    start = jnp.zeros((tokens.shape[0],), jnp.int32)
-    return forward(model, tokens, start, lengths, cache, page_table, all_logits=all_logits)
+    """Whole prompts in one chunk: tokens [B, T] right-padded, lengths [B] (see forward).
+    Returns logits [B, V] at each prompt's last token, or [B, T, V] with all_logits."""
+    b, t = tokens.shape
+    batch = TokenBatch.padded(tokens, jnp.zeros((b,), jnp.int32), lengths, page_table)
+    logits, cache = forward(model, batch, cache, all_logits=all_logits)
+    return (logits.reshape(b, t, -1) if all_logits else logits), cache
 
 
 def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, active: jax.Array,
@@ -256,8 +317,8 @@ def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, act
     The token at `positions[b]` is written to the cache and attends over positions 0..pos.
     Inactive rows (idle slots, finished sequences) write to the scratch page only.
     """
-    return forward(model, tokens[:, None], positions, active.astype(jnp.int32), cache,
-                   page_table, splits=splits, mesh=mesh)
+    batch = TokenBatch.padded(tokens[:, None], positions, active.astype(jnp.int32), page_table)
+    return forward(model, batch, cache, block_q=1, splits=splits, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------------------------

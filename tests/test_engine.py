@@ -9,6 +9,7 @@ from helpers import make_tiny_checkpoint
 
 from qoq_jax.config import ModelConfig
 from qoq_jax.engine import COMPILES, Engine, PromptError
+from qoq_jax.eval.scoring import score
 from qoq_jax.hf import CheckpointError, SafetensorsCheckpoint
 from qoq_jax.kv_cache import PagedKVCache
 from qoq_jax.model import decode_step, from_hf_weights, prefill
@@ -94,7 +95,7 @@ def test_long_prompt_is_prefilled_in_chunks(model):
     small = _engine(model, prefill_chunk=16)
     big = _engine(model, prefill_chunk=256)
     a = small.generate([prompt], GREEDY)[0].tokens
-    assert small.stats["prefill_batches"] == 10  # ceil(150 / 16)
+    assert small.stats["ragged_steps"] == 10  # ceil(150 / 16)
     assert a == big.generate([prompt], GREEDY)[0].tokens
 
 
@@ -309,7 +310,7 @@ def test_inactive_rows_do_not_touch_the_cache(model):
 
 def test_score_matches_the_model_logits(engine, model):
     prompt = _prompts(1, seed=15, longest=2)[0] * 70  # 70 tokens: 3 chunks of 32
-    lp = engine.score(np.asarray([prompt]))
+    lp = score(engine, np.asarray([prompt]))
     cache = PagedKVCache.zeros(model.config.num_layers, 17, 8, model.config.num_kv_heads,
                                model.config.head_dim, jnp.float32)
     logits, _ = prefill(model, jnp.asarray([prompt]), jnp.asarray([70]), cache,
@@ -320,32 +321,19 @@ def test_score_matches_the_model_logits(engine, model):
 
 
 def _lower_engine_programs(model, kind):
-    """(prefill HLO, decode HLO) of the engine's programs lowered for an abstract H100, with the
-    Pallas kernels for every op whose backend is "auto"."""
+    """(ragged step HLO, decode HLO) of the engine's programs lowered for an abstract H100,
+    with the Pallas kernels (the engine built with kernels="pallas", as on a GPU)."""
     from helpers import lower_for_h100
 
-    from pallas_kernels._common import default_backend
-    from qoq_jax import engine as E
+    eng = _engine(model, kv_cache=kind, page_size=16, kernels="pallas")
+    step = lower_for_h100(*_fn_args(eng.runner.step_program(64)))
+    dec = lower_for_h100(*_fn_args(eng.runner.decode_program(4)))
+    return step, dec
 
-    eng = _engine(model, kv_cache=kind, page_size=16)
-    eng._ensure_device_state()
-    g = eng.graphdef
-    rows = E.RowParams(*(jnp.zeros((2,), dt) for dt in (jnp.int32, jnp.float32, jnp.int32,
-                                                        jnp.float32, jnp.uint32)),
-                       jnp.zeros((2, eng.max_stop_ids), jnp.int32))
-    z2 = jnp.zeros((2,), jnp.int32)
-    with default_backend("pallas"):
-        pre = lower_for_h100(
-            lambda p, c, s, t, tok, st, n, tr, ins, r, f: E._prefill(
-                g, p, c, s, t, tok, st, n, tr, ins, r, f, n_top=5),
-            eng.params, eng._cache, eng._state, jnp.asarray(eng._table),
-            jnp.zeros((2, 64), jnp.int32), z2, z2, z2, z2, rows, z2)
-        dec = lower_for_h100(
-            lambda p, c, s, t, f: E._decode(g, p, c, s, t, f, rows=4, steps=4, all_greedy=False,
-                                            splits=2, n_top=5),
-            eng.params, eng._cache, eng._state, jnp.asarray(eng._table),
-            jnp.zeros((4, 4), jnp.int32))
-    return pre, dec
+
+def _fn_args(program):
+    fn, args = program
+    return (fn, *args)
 
 
 @pytest.mark.parametrize("kind", ["16bit", "kv4"])
@@ -397,8 +385,8 @@ def test_key_rotation_keeps_the_function_and_shrinks_the_kv4_key_error(tmp_path)
     rotated = dataclasses.replace(cfg, key_rotation=True)
     assert ModelConfig.from_hf_dict(rotated.to_hf_dict()) == rotated  # survives config.json
     window = np.random.default_rng(31).integers(3, cfg.vocab_size, (1, 70))
-    lp = {(rot, kind): _engine(from_hf_weights(rotated if rot else cfg, weights, jnp.float32),
-                               kv_cache=kind).score(window)
+    lp = {(rot, kind): score(_engine(from_hf_weights(rotated if rot else cfg, weights, jnp.float32),
+                               kv_cache=kind), window)
           for rot in (False, True) for kind in ("16bit", "kv4")}
     np.testing.assert_allclose(lp[True, "16bit"], lp[False, "16bit"], atol=2e-5)
     err = {rot: np.abs(lp[rot, "kv4"] - lp[False, "16bit"]).mean() for rot in (False, True)}
@@ -417,7 +405,7 @@ def test_key_rotation_keeps_the_function_and_shrinks_the_kv4_key_error(tmp_path)
             np.exp(rng.normal(0, 0.5, (cfg.num_kv_heads, cfg.head_dim))).astype(np.float32)
         for i in range(cfg.num_layers)}
     model = from_hf_weights(scaled, with_scale, jnp.float32)
-    np.testing.assert_allclose(_engine(model, kv_cache="16bit").score(window),
+    np.testing.assert_allclose(score(_engine(model, kv_cache="16bit"), window),
                                lp[False, "16bit"], atol=2e-5)
     assert _engine(model).generate([prompt], GREEDY)[0].tokens == outs[0]
     with pytest.raises(CheckpointError, match="key_scale"):  # the config needs the tensors

@@ -97,10 +97,9 @@ def test_tp8_model_lowers_for_h100_with_one_all_reduce_per_block(quantized):
     (the whole row's INT8 scale)."""
     from helpers import TRITON_CALL, abstract_h100_mesh
 
-    from pallas_kernels._common import default_backend
     from qoq_jax.checkpoint import linear_factory
     from qoq_jax.kv_cache import make_cache
-    from qoq_jax.model import forward
+    from qoq_jax.model import TokenBatch, forward
     from qoq_jax.quant.config import QuantConfig
 
     hf = dict(TINY_QUANT_CONFIGS["llama"], num_attention_heads=8, num_key_value_heads=8,
@@ -111,16 +110,15 @@ def test_tp8_model_lowers_for_h100_with_one_all_reduce_per_block(quantized):
     graphdef, state = nnx.split(model)
     mesh = abstract_h100_mesh(8, sharding.AXIS)
     cache = jax.eval_shape(lambda: make_cache("kv4", cfg.num_layers, 64, 16, cfg.num_kv_heads,
-                                              cfg.head_dim, jnp.bfloat16))
+                                              cfg.head_dim, jnp.bfloat16, backend="pallas"))
 
     def fn(state, cache, tokens, start, lengths, table):
-        return forward(nnx.merge(graphdef, state), tokens, start, lengths, cache, table,
-                       mesh=mesh)
+        batch = TokenBatch.padded(tokens, start, lengths, table)
+        return forward(nnx.merge(graphdef, state), batch, cache, mesh=mesh)
 
     z = jnp.zeros((2,), jnp.int32)
-    with default_backend("pallas"):
-        hlo = lower_for_h100(fn, state, cache, jnp.zeros((2, 64), jnp.int32), z, z,
-                             jnp.zeros((2, 8), jnp.int32), mesh=mesh)
+    hlo = lower_for_h100(fn, state, cache, jnp.zeros((2, 64), jnp.int32), z, z,
+                         jnp.zeros((2, 8), jnp.int32), mesh=mesh)
     assert "sdy.manual_computation" in hlo or "shard_map" in hlo or "manual" in hlo
     assert _all_reduces(hlo) == {"add": 3, "maximum": 2 if quantized else 0}
     assert hlo.count(TRITON_CALL) >= 2  # paged attention and the KV4 write

@@ -14,7 +14,7 @@ from helpers import lower_for_h100, on_gpu
 from test_w4a8_matmul import _act, _unit_scales, _weights, numpy_accumulators, numpy_output
 
 from pallas_kernels import resolve_gemm_backend
-from pallas_kernels._common import default_backend, gemm_backend
+from pallas_kernels._common import gemm_backend
 from pallas_kernels.quantize import QuantizedActivation
 from pallas_kernels.w4a8_matmul import GemmConfig, w4a8_matmul, w4a8_matmul_xla
 from pallas_kernels.w4a8_matmul.mosaic_gpu import (MGPU_GEMM_CONFIGS, MgpuGemmConfig, config_for,
@@ -178,8 +178,7 @@ def test_dispatch_and_overrides():
     with pytest.raises(ValueError, match="contradicts"):
         gemm_backend("xla", True, cpu)
     for name in ("mosaic", "triton", "xla", "pallas"):
-        with default_backend(name):
-            assert gemm_backend("auto", False, cpu) == resolve_gemm_backend(name, cpu)
+        assert gemm_backend(name, False, cpu) == resolve_gemm_backend(name, cpu)
     w = _weights(64, 256, 128, seed=1)
     act = _act(3, 256, seed=1)
     with pytest.raises(TypeError, match="MgpuGemmConfig"):

@@ -29,10 +29,12 @@ def perplexity(llm, token_ids, *, seq_len: int = 2048, max_windows: int | None =
                progress: bool = True) -> dict:
     """Perplexity of `llm` (qoq_jax.LLM) on token_ids; returns a dict of the figures.
 
-    Windows go through the engine's scoring entry point (Engine.score): the same paged cache,
+    Windows go through qoq_jax.eval.scoring (the runner's score verb): the same paged cache,
     kernels and chunked prefill as generation, so a KV4 model is measured with its keys and
     values exactly as the cache stores them."""
     from tqdm.auto import tqdm
+
+    from qoq_jax.eval.scoring import score
 
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (one token predicts the next), got {seq_len}")
@@ -47,7 +49,7 @@ def perplexity(llm, token_ids, *, seq_len: int = 2048, max_windows: int | None =
     windows = np.asarray(token_ids[:n * seq_len], np.int32).reshape(n, seq_len)
     t0 = time.perf_counter()
     with tqdm(total=n, desc="perplexity", unit="window", disable=not progress) as bar:
-        logp = llm.engine.score(windows, progress=bar.update)
+        logp = score(llm.engine, windows, progress=bar.update)
     total = -float(logp.astype(np.float64).sum())
     count = n * (seq_len - 1)
     return {"perplexity": math.exp(total / count), "nll": total / count, "windows": n,

@@ -20,7 +20,7 @@ from qoq_jax.config import ModelConfig
 from qoq_jax.engine import Engine
 from qoq_jax.hf import SafetensorsCheckpoint, save_safetensors
 from qoq_jax.kv_cache import make_cache
-from qoq_jax.model import forward, from_hf_weights
+from qoq_jax.model import TokenBatch, forward, from_hf_weights
 from qoq_jax.sampling import SamplingParams
 
 # W4A8 needs N % 64 per device (column-parallel) and K on group boundaries (row-parallel):
@@ -78,15 +78,16 @@ def _prefill_logits(model, tp, kind):
     cfg = model.config
     mesh = sharding.make_mesh(tp)
     tokens = jnp.asarray(np.array(_prompts(cfg.vocab_size)[0] * 2).reshape(2, 11), jnp.int32)
-    cache = make_cache(kind, cfg.num_layers, 8, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
-    table = jnp.tile(jnp.arange(1, 5, dtype=jnp.int32)[None], (2, 1))
+    cache = make_cache(kind, cfg.num_layers, 9, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    table = jnp.arange(1, 9, dtype=jnp.int32).reshape(2, 4)  # each row its own pages
 
     @jax.jit
     def run(state, cache):
-        logits, _ = forward(nnx.merge(graphdef, state), tokens, jnp.zeros(2, jnp.int32),
-                            jnp.array([11, 7], jnp.int32), cache, table, all_logits=True,
+        batch = TokenBatch.padded(tokens, jnp.zeros(2, jnp.int32), jnp.array([11, 7], jnp.int32),
+                                  table)
+        logits, _ = forward(nnx.merge(graphdef, state), batch, cache, all_logits=True,
                             mesh=mesh)
-        return jax.nn.log_softmax(logits)
+        return jax.nn.log_softmax(logits).reshape(2, 11, -1)
 
     graphdef, state = nnx.split(model)
     if mesh is not None:
@@ -170,8 +171,12 @@ def test_quantized_per_channel_tp_1_2_4_agree_16bit(quant_dir):
     for tp in (2, 4):
         got = _prefill_logits(model, tp, "16bit")
         assert np.abs(got - want).max() <= 2 * sensitivity, f"TP {tp}"
-        # the greedy tokens of the real positions agree
-        np.testing.assert_array_equal(got[0].argmax(-1), want[0].argmax(-1))
+        # the greedy tokens of the real positions agree, except at a near-tie (the top two
+        # log-probabilities within the tolerance above)
+        top2 = np.sort(want[0], axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 2 * sensitivity
+        assert clear.sum() >= len(clear) // 2
+        np.testing.assert_array_equal(got[0].argmax(-1)[clear], want[0].argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("weight_format", ["per-channel", "g128"])

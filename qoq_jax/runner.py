@@ -1,0 +1,618 @@
+"""The device runner: the engine's compiled programs and the device state they own.
+
+It knows nothing of requests. What it owns, allocated once:
+
+- the KV pools (``kv_cache.PagedKVCache`` or ``PagedKV4Cache``), donated to and returned by
+  every program, so they are updated in place;
+- ``SlotState``: per decode slot (a row), the token to feed next, its position, how many tokens
+  it has made, whether it is done and why, and its sampling parameters (``RowParams``);
+- the page table [slots, max_pages] (uploaded by ``set_page_table`` when the host's changes).
+
+Its verbs, each a jitted program over a few bucketed shapes (``Buckets``; ``warmup`` compiles
+them all):
+
+- ``step(StepInputs)``: one ragged batch: decode rows (one token each, read from their slot)
+  and prompt chunks of several sequences on one flat token axis, through one forward pass.
+  Rows whose chunk ends their prompt, and decode rows, sample a token into their slot.
+- ``decode(rows, steps)``: up to ``steps`` decode steps of slots [0, rows) in one dispatch
+  (a ``lax.while_loop`` that stops early when every row is done).
+- ``score(TokenBatch, targets)``: log-probabilities of given next tokens at every position
+  (perplexity), through the same cache and kernels.
+
+Outputs are named pytrees (``StepOutput``, ``DecodeOutput``) whose host copies start as soon as
+the program is dispatched; ``fetch`` turns them into numpy. Every input goes through
+``_put`` (committed to the device, or replicated over the mesh), so jit's cache sees one kind
+of argument and compiles each program once.
+
+Every per-row computation is independent of the rest of the batch (fixed reduction orders,
+lone rows paired, items cut from each sequence's own start), so a row's tokens are the same
+whatever shares its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import threading
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pallas_kernels.paged_attention import default_splits
+from qoq_jax import sharding
+from qoq_jax.kv_cache import SCRATCH_PAGE, cache_class, kernel_backend, make_cache
+from qoq_jax.model import PREFILL_BLOCK_Q, TokenBatch, Transformer, forward
+from qoq_jax.sampling import sample
+
+
+class Finish(enum.IntEnum):
+    """Why a row stopped, as the device records it."""
+
+    RUNNING = 0
+    STOP = 1  # a stop token
+    LENGTH = 2  # max_new_tokens reached
+    ERROR = 3  # non-finite logits
+
+
+# ----------------------------------------------------------------------------------------------
+# compilation accounting (a steady state must not compile; the CLIs report compile time apart)
+
+class CompileLog:
+    """Counts XLA compilations (and loads from the on-disk compilation cache) process-wide."""
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, duration: float, **_):
+        # Fired for a program compiled and for one loaded from the on-disk compilation cache
+        # (the CLIs turn it on): either way a jit cache miss, which a steady state must not have.
+        if event == "/jax/core/compile/backend_compile_duration":
+            with self._lock:
+                self.count += 1
+                self.seconds += duration
+
+
+COMPILES = CompileLog()
+jax.monitoring.register_event_duration_secs_listener(COMPILES)
+
+
+# ----------------------------------------------------------------------------------------------
+# device state and the programs' inputs and outputs (named pytrees)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """Sampling parameters and limits of rows, all [R] (stop_ids [R, W], padded with -1)."""
+
+    max_new: jax.Array  # int32
+    temperature: jax.Array  # float32; 0 is greedy
+    top_k: jax.Array  # int32; 0 is no cut
+    top_p: jax.Array  # float32; 1 is no cut
+    seed: jax.Array  # uint32
+    logprobs: jax.Array  # bool: the row wants log-probabilities
+    stop_ids: jax.Array  # int32 [R, W]
+
+    @classmethod
+    def empty(cls, rows: int, width: int) -> "RowParams":
+        return cls(max_new=np.ones((rows,), np.int32), temperature=np.zeros((rows,), np.float32),
+                   top_k=np.zeros((rows,), np.int32), top_p=np.ones((rows,), np.float32),
+                   seed=np.zeros((rows,), np.uint32), logprobs=np.zeros((rows,), bool),
+                   stop_ids=np.full((rows, width), -1, np.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Per-slot decode state on the device, all [slots]."""
+
+    params: RowParams
+    last_token: jax.Array  # the token to feed next
+    position: jax.Array  # where its K/V goes
+    num_generated: jax.Array  # tokens the request has made (the sampling index of the next)
+    done: jax.Array  # bool
+    finish: jax.Array  # Finish code
+
+    @classmethod
+    def idle(cls, slots: int, width: int) -> "SlotState":
+        z = np.zeros((slots,), np.int32)
+        return cls(params=RowParams.empty(slots, width), last_token=z, position=z,
+                   num_generated=z, done=np.ones((slots,), bool), finish=z)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One ragged batch as the host describes it: T tokens, S sequence rows (int32 unless said).
+
+    Per token [T]: ``tokens`` (prompt tokens; ignored for decode rows, whose token is their
+    slot's last_token) and ``token_seq`` (its row, -1 for padding).
+    Per row [S]: ``slot`` (-1: unused row), ``start`` (its first token on the flat axis),
+    ``length`` (its tokens), ``pos0`` (position of its first token; decode rows: from the
+    slot), ``decode`` (bool: a decode row), ``sample`` (bool: a chunk that ends its prompt
+    samples the first token), ``generated0`` (tokens made before this admission: a resumed
+    sequence's), ``params`` (RowParams of rows that start decoding here).
+    ``retire`` [slots] (bool): slots the host has ended since the last dispatch.
+    """
+
+    tokens: jax.Array
+    token_seq: jax.Array
+    slot: jax.Array
+    start: jax.Array
+    length: jax.Array
+    pos0: jax.Array
+    decode: jax.Array
+    sample: jax.Array
+    generated0: jax.Array
+    params: RowParams
+    retire: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What a step produced per row [S]: token (-1 if none), its Finish code, its
+    log-probability and the top alternatives ([S, n]; zeros unless a row asked)."""
+
+    token: jax.Array
+    finish: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeOutput:
+    """What a decode dispatch produced, [rows, steps] (-1: no token that step), and each
+    row's Finish code after it ([rows])."""
+
+    token: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+    finish: jax.Array
+
+
+def fetch(output):
+    """Device outputs -> the same pytree of numpy arrays (waits for the program)."""
+    return jax.tree.map(np.asarray, output)
+
+
+def _start_host_copy(output) -> None:
+    for leaf in jax.tree.leaves(output):
+        leaf.copy_to_host_async()
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling and finishing, per row
+
+def _pick(logits, params: RowParams, index, num_generated, n_top: int):
+    """Sample each row (greedy rows take the argmax), then its Finish code and
+    log-probabilities. index: the sampling index of the token (its seed's stream position);
+    num_generated: tokens made counting this one."""
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    clean = jnp.where(finite[:, None], logits, 0.0)
+    # the sort that top-k / top-p need runs only when some row samples (a runtime branch:
+    # one program serves greedy and sampled batches, and greedy rows take the argmax either way)
+    tok = jax.lax.cond(
+        jnp.any(params.temperature > 0),
+        lambda x: sample(x, params.temperature, params.top_k, params.top_p, params.seed, index),
+        lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), clean)
+    rows = logits.shape[0]
+
+    def logprobs(x):
+        logp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        chosen = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+        if not n_top:
+            return chosen, jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32)
+        top_lp, top_id = jax.lax.top_k(logp, n_top)
+        return chosen, top_id.astype(jnp.int32), top_lp
+
+    def none(x):
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n_top), jnp.int32),
+                jnp.zeros((rows, n_top), jnp.float32))
+
+    chosen, top_id, top_lp = jax.lax.cond(jnp.any(params.logprobs), logprobs, none, logits)
+    is_stop = jnp.any(tok[:, None] == params.stop_ids, axis=-1)
+    finish = jnp.where(~finite, Finish.ERROR, jnp.where(
+        is_stop, Finish.STOP, jnp.where(num_generated >= params.max_new, Finish.LENGTH,
+                                        Finish.RUNNING)))
+    tok = jnp.where(finite, tok, -1)
+    return tok, finish.astype(jnp.int32), chosen, top_id, top_lp
+
+
+def _take(tree, index):
+    return jax.tree.map(lambda a: a[index], tree)
+
+
+def _set(tree, index, values):
+    """tree[index] = values for every leaf (index out of range: dropped)."""
+    return jax.tree.map(lambda a, v: a.at[index].set(v, mode="drop"), tree, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# the programs
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_top", "splits", "mesh"),
+                   donate_argnames=("cache", "slots"))
+def _step(graphdef, params, cache, slots: SlotState, page_table, inputs: StepInputs, *,
+          n_top: int, splits: int, mesh=None):
+    """One ragged batch (see StepInputs); returns (StepOutput, slots, cache)."""
+    model = nnx.merge(graphdef, params)
+    n_slots = slots.done.shape[0]
+    slots = dataclasses.replace(slots, done=slots.done | inputs.retire)
+    slot = inputs.slot
+    has = slot >= 0
+    sl = jnp.maximum(slot, 0)
+    live = has & ~slots.done[sl]  # a decode row whose sequence already ended feeds nothing
+    length = jnp.where(inputs.decode, live.astype(jnp.int32), jnp.where(has, inputs.length, 0))
+    pos0 = jnp.where(inputs.decode, slots.position[sl], inputs.pos0)
+    kv_len = pos0 + length
+    # per token: its row, its offset in the row, its token and position
+    t = inputs.tokens.shape[0]
+    seq = jnp.maximum(inputs.token_seq, 0)
+    offset = jnp.arange(t, dtype=jnp.int32) - inputs.start[seq]
+    real = (inputs.token_seq >= 0) & (offset < length[seq])
+    tokens = jnp.where(inputs.decode[seq], slots.last_token[sl[seq]], inputs.tokens)
+    batch = TokenBatch(
+        tokens=tokens, positions=pos0[seq] + offset, token_seq=jnp.where(real, seq, -1),
+        q_start=inputs.start, q_len=length, kv_len=kv_len,
+        page_table=jnp.where(has[:, None], page_table[sl], SCRATCH_PAGE))
+    logits, cache = forward(model, batch, cache, block_q=PREFILL_BLOCK_Q, splits=splits,
+                            mesh=mesh)
+    samples = jnp.where(inputs.decode, live, has & inputs.sample)
+    insert = samples & ~inputs.decode
+    row_params = jax.tree.map(lambda new, old: jnp.where(
+        insert.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), inputs.params,
+        _take(slots.params, sl))
+    made = jnp.where(insert, inputs.generated0, slots.num_generated[sl])
+    tok, finish, chosen, top_id, top_lp = _pick(logits, row_params, made, made + 1, n_top)
+    tok = jnp.where(samples, tok, -1)
+    finish = jnp.where(samples, finish, Finish.RUNNING)
+    target = jnp.where(samples, slot, n_slots)  # rows that do not sample write nothing
+    slots = dataclasses.replace(
+        slots, params=_set(slots.params, target, row_params),
+        last_token=slots.last_token.at[target].set(tok, mode="drop"),
+        position=slots.position.at[target].set(kv_len, mode="drop"),
+        num_generated=slots.num_generated.at[target].set(made + 1, mode="drop"),
+        done=slots.done.at[target].set(finish != Finish.RUNNING, mode="drop"),
+        finish=slots.finish.at[target].set(finish, mode="drop"))
+    return StepOutput(tok, finish, chosen, top_id, top_lp), slots, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows", "max_steps", "n_top",
+                                             "splits", "mesh"),
+                   donate_argnames=("cache", "slots"))
+def _decode(graphdef, params, cache, slots: SlotState, page_table, retire, num_steps, *,
+            rows: int, max_steps: int, n_top: int, splits: int, mesh=None):
+    """Up to num_steps (<= max_steps) decode steps of slots [0, rows)."""
+    model = nnx.merge(graphdef, params)
+    full = dataclasses.replace(slots, done=slots.done | retire)
+    st = _take(full, slice(0, rows))
+    table = page_table[:rows]
+    arange = jnp.arange(rows, dtype=jnp.int32)
+    out = DecodeOutput(token=jnp.full((rows, max_steps), -1, jnp.int32),
+                       logprob=jnp.zeros((rows, max_steps), jnp.float32),
+                       top_ids=jnp.zeros((rows, max_steps, n_top), jnp.int32),
+                       top_logprobs=jnp.zeros((rows, max_steps, n_top), jnp.float32),
+                       finish=st.finish)
+
+    def cond(carry):
+        step, _, st, _ = carry
+        return (step < num_steps) & ~jnp.all(st.done)
+
+    def body(carry):
+        step, cache, st, out = carry
+        active = ~st.done
+        batch = TokenBatch(tokens=st.last_token, positions=st.position,
+                           token_seq=jnp.where(active, arange, -1), q_start=arange,
+                           q_len=active.astype(jnp.int32), kv_len=st.position + active,
+                           page_table=table)
+        logits, cache = forward(model, batch, cache, block_q=1, splits=splits, mesh=mesh)
+        tok, finish, chosen, top_id, top_lp = _pick(logits, st.params, st.num_generated,
+                                                     st.num_generated + 1, n_top)
+        finish = jnp.where(active, finish, st.finish)
+        tok = jnp.where(active, tok, -1)
+        st = dataclasses.replace(
+            st, last_token=jnp.where(active, tok, st.last_token), position=st.position + active,
+            num_generated=st.num_generated + active, done=st.done | (finish != Finish.RUNNING),
+            finish=finish)
+        out = DecodeOutput(token=out.token.at[:, step].set(tok),
+                           logprob=out.logprob.at[:, step].set(chosen),
+                           top_ids=out.top_ids.at[:, step].set(top_id),
+                           top_logprobs=out.top_logprobs.at[:, step].set(top_lp),
+                           finish=finish)
+        return step + 1, cache, st, out
+
+    _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
+    slots = jax.tree.map(lambda a, part: a.at[:rows].set(part), full, st)
+    return out, slots, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
+def _score(graphdef, params, cache, batch: TokenBatch, targets, *, mesh=None):
+    """Log-probability of targets [T] (-1: none) after each token of a ragged batch."""
+    model = nnx.merge(graphdef, params)
+    logits, cache = forward(model, batch, cache, block_q=PREFILL_BLOCK_Q, all_logits=True,
+                            mesh=mesh)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(targets >= 0, picked, 0.0), cache
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes
+
+MIN_TOKEN_BUCKET = 16
+
+
+def ladder(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them)
+    that is >= n: the bucket sizes of compiled shapes, at most a third of padding."""
+    b = 1
+    while True:
+        if b >= n:
+            return b
+        if b >= 2 and b + b // 2 >= n:
+            return b + b // 2
+        b *= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Every shape the runner's programs take (a short ladder each), so that an engine
+    compiles a handful of programs and ``warmup`` knows them all.
+
+    step: token counts of a ragged batch: 16, 32, 64 and then powers of two and 1.5 times
+    them, up to ``max_tokens`` (its rows are always ``slots``). decode: row counts of a
+    decode dispatch: powers of two from 2 (a lone row is paired) up to ``slots``.
+    """
+
+    max_tokens: int
+    slots: int
+
+    @property
+    def step(self) -> tuple[int, ...]:
+        out, n = [], MIN_TOKEN_BUCKET
+        while True:
+            b = self.step_tokens(n)
+            if not out or b != out[-1]:
+                out.append(b)
+            if b >= self.max_tokens:
+                return tuple(out)
+            n = b + 1
+
+    @property
+    def decode(self) -> tuple[int, ...]:
+        return tuple(sorted({self.decode_rows(n) for n in range(1, self.slots + 1)}))
+
+    def step_tokens(self, n: int) -> int:
+        """Padded token count of a ragged batch of n tokens."""
+        if n > self.max_tokens:
+            raise ValueError(f"{n} tokens exceed the batch limit of {self.max_tokens}")
+        b = max(MIN_TOKEN_BUCKET, 1 << max(0, (n - 1).bit_length()))
+        if b >= 64 and (b * 3) // 4 >= n:
+            b = (b * 3) // 4
+        return min(b, max(self.max_tokens, MIN_TOKEN_BUCKET))
+
+    def decode_rows(self, occupied: int) -> int:
+        """Rows of a decode dispatch over slots [0, occupied): a power of two, at least 2."""
+        return min(max(2, self.slots), max(2, 1 << max(0, (occupied - 1).bit_length())))
+
+
+# ----------------------------------------------------------------------------------------------
+# the runner
+
+def _put(x, where=None):
+    """Host -> device, committed to the default device (or replicated over the engine's mesh:
+    `where`). Every input of the programs goes through here: jit's cache tells committed arrays
+    (its own outputs) from uncommitted ones and would compile each program twice; and
+    jnp.asarray would compile a small program for every new shape."""
+    return jax.device_put(x, jax.devices()[0] if where is None else where)
+
+
+class DeviceRunner:
+    """The compiled verbs over one model's device state (see the module docstring).
+
+    kernels: "pallas" | "xla" | None (None: decided by the platform, once: the Pallas kernels
+    on a GPU, the XLA references elsewhere).
+    """
+
+    def __init__(self, model: Transformer, *, kv_cache: str, num_pages: int, page_size: int,
+                 slots: int, max_pages_per_seq: int, max_batch_tokens: int, max_logprobs: int,
+                 max_stop_ids: int, mesh=None, kernels: str | None = None):
+        self.model_config = model.config
+        self.dtype = model.dtype
+        self.mesh = mesh if sharding.tp_size(mesh) > 1 else None
+        self._where = None if self.mesh is None else sharding.replicated(self.mesh)
+        self.graphdef, params = nnx.split(model)
+        self.params = (self._put(params) if self.mesh is None
+                       else sharding.shard_state(params, self.mesh))
+        self.kv_cache = kv_cache
+        self.kernels = kernels or kernel_backend(jax.devices()[0].platform)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.slots = max(2, slots)  # device rows: >= 2 even for one slot (a lone row is paired)
+        self.max_pages_per_seq = max_pages_per_seq
+        self.max_logprobs = max_logprobs
+        self.max_stop_ids = max_stop_ids
+        self.buckets = Buckets(max_tokens=max_batch_tokens, slots=self.slots)
+        tp = sharding.tp_size(self.mesh)
+        self.splits = default_splits(max_pages_per_seq, slots,
+                                     model.config.num_kv_heads // tp)
+        self.cache = None  # allocated at first use (a notebook may load and never generate)
+        self.state: SlotState | None = None
+        self._table = np.zeros((self.slots, max_pages_per_seq), np.int32)
+        self._table_dev = None
+
+    def _put(self, x):
+        return _put(x, self._where)
+
+    # ------------------------------------------------------------------------------------------
+    # device state
+
+    @staticmethod
+    def bytes_per_page(model_config, kv_cache: str, page_size: int, dtype, tp: int = 1) -> int:
+        """KV-cache bytes of one page on each device (each holds num_kv_heads / tp heads)."""
+        m = model_config
+        return page_size * cache_class(kv_cache).bytes_per_token(
+            m.num_layers, m.num_kv_heads // tp, m.head_dim, dtype)
+
+    @property
+    def allocated(self) -> bool:
+        return self.cache is not None
+
+    def allocate(self) -> None:
+        """Create the pools, slot state and page table on the device (idempotent)."""
+        if self.cache is not None:
+            return
+        m = self.model_config
+        make = functools.partial(make_cache, self.kv_cache, m.num_layers, self.num_pages,
+                                 self.page_size, m.num_kv_heads, m.head_dim, self.dtype,
+                                 backend=self.kernels)
+        if self.mesh is None:
+            self.cache = self._put(make())
+        else:  # created in place, each device its KV heads
+            self.cache = jax.jit(make, out_shardings=sharding.cache_sharding(
+                self.mesh, jax.eval_shape(make)))()
+        self.state = self._put(SlotState.idle(self.slots, self.max_stop_ids))
+        self._table[:] = SCRATCH_PAGE
+        self._table_dev = self._put(self._table)
+
+    def reset(self) -> None:
+        """Drop the device state (after an internal error); allocate() makes it afresh."""
+        self.cache = self.state = self._table_dev = None
+
+    def set_page_table(self, table: np.ndarray) -> None:
+        """The pages of every slot [slots, max_pages] (scratch where unused); uploaded only
+        when it changed."""
+        if self._table_dev is None or not np.array_equal(table, self._table):
+            self._table = np.array(table, np.int32)
+            self._table_dev = self._put(self._table)
+
+    # ------------------------------------------------------------------------------------------
+    # verbs
+
+    def step(self, inputs: StepInputs) -> StepOutput:
+        """Dispatch one ragged batch (host arrays, padded to a step bucket); returns its outputs
+        (device arrays, copying to the host)."""
+        out, self.state, self.cache = _step(
+            self.graphdef, self.params, self.cache, self.state, self._table_dev,
+            jax.tree.map(self._put, inputs), n_top=self.max_logprobs, splits=self.splits,
+            mesh=self.mesh)
+        _start_host_copy(out)
+        return out
+
+    def decode(self, rows: int, steps: int, retire: np.ndarray) -> DecodeOutput:
+        """Dispatch up to `steps` decode steps of slots [0, rows) (rows: a decode bucket)."""
+        max_steps = self.max_decode_steps
+        if not 1 <= steps <= max_steps:
+            raise ValueError(f"steps must be in [1, {max_steps}], got {steps}")
+        out, self.state, self.cache = _decode(
+            self.graphdef, self.params, self.cache, self.state, self._table_dev,
+            self._put(retire), self._put(np.int32(steps)), rows=rows, max_steps=max_steps,
+            n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh)
+        _start_host_copy(out)
+        return out
+
+    max_decode_steps = 16  # the decode program's output width (a dispatch may run fewer)
+
+    def score(self, batch: TokenBatch, targets: np.ndarray) -> jax.Array:
+        """Log-probabilities of targets [T] after each token of `batch` (host arrays)."""
+        lp, self.cache = _score(self.graphdef, self.params, self.cache,
+                                jax.tree.map(self._put, batch), self._put(targets),
+                                mesh=self.mesh)
+        return lp
+
+    # ------------------------------------------------------------------------------------------
+    # host-side construction of the inputs
+
+    def empty_inputs(self, num_tokens: int) -> StepInputs:
+        """StepInputs of a bucket's shape with no work (numpy, to be filled)."""
+        s, w = self.slots, self.max_stop_ids
+        zi = functools.partial(np.zeros, (s,), np.int32)
+        return StepInputs(
+            tokens=np.zeros((num_tokens,), np.int32), token_seq=np.full((num_tokens,), -1, np.int32),
+            slot=np.full((s,), -1, np.int32), start=zi(), length=zi(), pos0=zi(),
+            decode=np.zeros((s,), bool), sample=np.zeros((s,), bool), generated0=zi(),
+            params=RowParams.empty(s, w), retire=np.zeros((self.slots,), bool))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"step": self.buckets.step, "decode": self.buckets.decode}
+
+    def warmup(self) -> int:
+        """Compile every program a workload can need (every step and decode bucket), on idle
+        rows and the scratch page only; returns how many were compiled. The caller makes sure
+        no request is running."""
+        self.allocate()
+        before = COMPILES.count
+        for t in self.buckets.step:
+            self.step(self.empty_inputs(t))
+        no_retire = np.zeros((self.slots,), bool)
+        for rows in self.buckets.decode:
+            self.decode(rows, 1, no_retire)
+        jax.block_until_ready(self.cache)
+        return COMPILES.count - before
+
+    # ------------------------------------------------------------------------------------------
+    # introspection (tests, docs): each program as a function of its arrays
+
+    def step_program(self, num_tokens: int):
+        """(fn, args): the ragged-step program of a bucket as a function of its array
+        arguments (params, cache, slots, page table, inputs), and those arguments. For
+        lowering (for another platform, under an abstract mesh) and memory analysis."""
+        self.allocate()
+
+        def fn(params, cache, slots, table, inputs):
+            return _step(self.graphdef, params, cache, slots, table, inputs,
+                         n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh)
+
+        return fn, (self.params, self.cache, self.state, self._table_dev,
+                    jax.tree.map(self._put, self.empty_inputs(num_tokens)))
+
+    def decode_program(self, rows: int):
+        """(fn, args): the decode program of a row bucket (see step_program)."""
+        self.allocate()
+
+        def fn(params, cache, slots, table, retire, num_steps):
+            return _decode(self.graphdef, params, cache, slots, table, retire, num_steps,
+                           rows=rows, max_steps=self.max_decode_steps, n_top=self.max_logprobs,
+                           splits=self.splits, mesh=self.mesh)
+
+        return fn, (self.params, self.cache, self.state, self._table_dev,
+                    self._put(np.zeros((self.slots,), bool)), self._put(np.int32(1)))
+
+    def compiled_memory(self) -> dict[str, object]:
+        """memory_analysis() of every program as the runner compiles it (donation included),
+        by name ("step/64", "decode/8", ...)."""
+        self.allocate()
+        out = {}
+        for t in self.buckets.step:
+            _, args = self.step_program(t)
+            out[f"step/{t}"] = _step.lower(
+                self.graphdef, *args, n_top=self.max_logprobs, splits=self.splits,
+                mesh=self.mesh).compile().memory_analysis()
+        for rows in self.buckets.decode:
+            _, args = self.decode_program(rows)
+            out[f"decode/{rows}"] = _decode.lower(
+                self.graphdef, *args, rows=rows, max_steps=self.max_decode_steps,
+                n_top=self.max_logprobs, splits=self.splits,
+                mesh=self.mesh).compile().memory_analysis()
+        return out
+
+
+def stack_params(rows: Sequence[dict], width: int) -> RowParams:
+    """RowParams [len(rows)] from per-row dicts (host side; the loop's helper)."""
+    out = RowParams.empty(len(rows), width)
+    for i, r in enumerate(rows):
+        for name, value in r.items():
+            if name == "stop_ids":
+                out.stop_ids[i, :len(value)] = value
+            else:
+                getattr(out, name)[i] = value
+    return out
