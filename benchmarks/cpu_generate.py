@@ -7,6 +7,11 @@ best of --repeats runs is reported.
 
     .venv/bin/python benchmarks/cpu_generate.py [--max-new-tokens 64] [--repeats 2]
 
+Also reported: our W4A8KV4 path (the same engine on the RTN-quantized model: the runtime path
+of QoQ checkpoints), and the weight-streaming floor of a batch-1 decode step: the bytes of
+weights a step reads (the runner's parameters) over this machine's read bandwidth, measured
+here as XLA reads a 1 GiB array (and, for reference, numpy's copy bandwidth).
+
 transformers runs in the test oracle's interpreter (.venv-ref, built by `make ref-venv`), so that
 torch never enters this package's environment.
 """
@@ -65,6 +70,36 @@ def theirs(model_dir, ids, max_new, batch, repeats, ref_python):
     return r["tokens"], r["seconds"]
 
 
+def bandwidth() -> dict:
+    """Read bandwidth as a jitted XLA sum streams 1 GiB (all cores), and numpy's copy
+    bandwidth (bytes read + written), best of 5, GB/s."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.ones((1 << 28,), jnp.float32)
+    total = jax.jit(lambda a: a.sum())
+    total(x).block_until_ready()
+    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(5))
+    a = np.ones(1 << 26, np.float32)
+    b = np.empty_like(a)
+    copy = min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+    return {"read_gb_s": x.nbytes / best / 1e9, "numpy_copy_gb_s": 2 * a.nbytes / copy / 1e9}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def weight_bytes(engine) -> int:
+    """Bytes of the parameters a decode step reads (the runner's, as it holds them)."""
+    import jax
+
+    return sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ref-python", default=str(REPO / ".venv-ref" / "bin" / "python"))
+    ap.add_argument("--no-w4a8", action="store_true", help="skip our W4A8KV4 rows")
     args = ap.parse_args(argv)
 
     import jax
@@ -83,16 +119,45 @@ def main(argv=None) -> int:
     ids = prompts(llm)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=REPO).stdout.strip()
+    bw = bandwidth()
+    floor_ms = weight_bytes(llm.engine) / (bw["read_gb_s"] * 1e9) * 1e3
     print(f"# {datetime.date.today()} commit {commit}, {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), fp32, greedy,"
+          f", {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), greedy,"
           f" {args.max_new_tokens} new tokens per sequence")
-    print("| batch | qoq-jax tokens/s | transformers tokens/s | ratio |")
-    print("|---|---|---|---|")
+    print(f"# read bandwidth {bw['read_gb_s']:.1f} GB/s (numpy copy {bw['numpy_copy_gb_s']:.1f}"
+          f" GB/s); fp32 weights {weight_bytes(llm.engine) / 1e6:.0f} MB: weight-streaming "
+          f"floor {floor_ms:.1f} ms per batch-1 step = {1e3 / floor_ms:.1f} tokens/s")
+    w4 = None
+    if not args.no_w4a8:
+        from qoq_jax.quant.config import QuantConfig
+
+        w4 = qoq_jax.load(dtype="float32", quantize=QuantConfig(method="rtn"))
+    print("| batch | qoq-jax fp32 tok/s | transformers fp32 tok/s | ratio | qoq-jax W4A8KV4 "
+          "tok/s | W4A8KV4 / fp32 |")
+    print("|---|---|---|---|---|---|")
+    rows = []
     for b in args.batches:
         n1, t1 = ours(llm, ids, args.max_new_tokens, b, args.repeats)
         n2, t2 = theirs(assets.default_model_dir(), ids, args.max_new_tokens, b, args.repeats,
                         args.ref_python)
-        print(f"| {b} | {n1 / t1:.1f} | {n2 / t2:.1f} | {(n1 / t1) / (n2 / t2):.2f}x |", flush=True)
+        row = {"batch": b, "fp32": n1 / t1, "transformers": n2 / t2}
+        if w4 is not None:
+            n3, t3 = ours(w4, ids, args.max_new_tokens, b, args.repeats)
+            row["w4a8kv4"] = n3 / t3
+        rows.append(row)
+        w4s = (f"{row['w4a8kv4']:.1f} | {row['w4a8kv4'] / row['fp32']:.2f}x" if w4 is not None
+               else "- | -")
+        print(f"| {b} | {row['fp32']:.1f} | {row['transformers']:.1f} | "
+              f"{row['fp32'] / row['transformers']:.2f}x | {w4s} |", flush=True)
+    b1 = next((r for r in rows if r["batch"] == 1), None)
+    if b1:
+        print(f"batch 1 fp32: {1e3 / b1['fp32']:.1f} ms per token = "
+              f"{(1e3 / b1['fp32']) / floor_ms:.2f}x the weight-streaming floor")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "cpu_generate.json").write_text(json.dumps(
+            {"date": str(datetime.date.today()), "commit": commit, **bw,
+             "floor_ms": floor_ms, "rows": rows}, indent=1))
     return 0
 
 

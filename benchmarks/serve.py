@@ -60,6 +60,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> Non
 
 
 def start_ours(model: str | None, variant: str, port: int, extra: list[str]) -> subprocess.Popen:
+    """Our server as a user starts it (W4A8KV4: --quantize rtn, the runtime path of QoQ
+    checkpoints)."""
     # --warmup: every prefill and decode shape compiled before serving, as a deployment would
     # start it (the load's own warm-up round does not reach every shape the load meets).
     cmd = [sys.executable, "-m", "qoq_jax.serve", "--port", str(port), "--log-level", "warning",
@@ -145,17 +147,32 @@ def summarize(name: str, results: list, wall: float, tokenizer) -> dict:
             "tpot_p99_s": pct(tpot, 0.99)}
 
 
+def start_vllm(model_dir: str, port: int) -> subprocess.Popen:
+    """vLLM's CPU build, as ../shared/tools/vllm_cpu.sh installs and starts it."""
+    tool = REPO.parent / "shared" / "tools" / "vllm_cpu.sh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    return subprocess.Popen(["bash", str(tool), "serve", model_dir, "--port", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def run_against(name, url, proc, args, tokenizer, ignore_eos):
+    """Every concurrency level of args.concurrency against one server (started once)."""
+    rows = []
     try:
         if proc is not None:
             _wait_healthy(url.removesuffix("/v1"), proc)
-        # warm-up: compiles (ours) and first-call costs, with the load's own shapes
-        asyncio.run(drive(url, concurrency=args.concurrency, requests=args.concurrency,
-                          max_tokens=args.max_tokens, rate=None, ignore_eos=ignore_eos))
-        results, wall = asyncio.run(drive(url, concurrency=args.concurrency,
-                                          requests=args.requests, max_tokens=args.max_tokens,
-                                          rate=args.rate, ignore_eos=ignore_eos))
-        return summarize(name, results, wall, tokenizer)
+        for c in args.concurrency:
+            n = args.requests or max(8, 2 * c)
+            # warm-up: compiles (ours) and first-call costs, with the load's own shapes
+            asyncio.run(drive(url, concurrency=c, requests=c, max_tokens=args.max_tokens,
+                              rate=None, ignore_eos=ignore_eos))
+            results, wall = asyncio.run(drive(url, concurrency=c, requests=n,
+                                              max_tokens=args.max_tokens, rate=args.rate,
+                                              ignore_eos=ignore_eos))
+            rows.append({**summarize(name, results, wall, tokenizer), "concurrency": c})
+            print(_row(rows[-1]), flush=True)
+        return rows
     finally:
         if proc is not None:
             proc.terminate()
@@ -165,20 +182,33 @@ def run_against(name, url, proc, args, tokenizer, ignore_eos):
                 proc.kill()
 
 
+def _row(r: dict) -> str:
+    return (f"| {r['server']} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | "
+            f"{r['ttft_median_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['tpot_median_s'] * 1e3:.1f} | "
+            f"{r['tpot_p99_s'] * 1e3:.1f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model for our server (default: the embedded default)")
-    ap.add_argument("--variant", choices=["fp32", "w4a8kv4"], default="fp32")
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=32, help="requests in the measured load")
+    ap.add_argument("--variant", choices=["fp32", "w4a8kv4"], nargs="+", default=["fp32"],
+                    help="our server's variants (each started on its own)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16],
+                    help="concurrent streams; several values give a curve (e.g. 1 4 16)")
+    ap.add_argument("--requests", type=int,
+                    help="requests in each measured load (default: 2 x concurrency, >= 8)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rate", type=float, help="Poisson arrivals (requests/s) instead of "
                                                "closed-loop streams")
     ap.add_argument("--url", help="measure a running server at this /v1 URL instead")
-    ap.add_argument("--no-transformers", action="store_true", help="ours only")
+    ap.add_argument("--no-transformers", action="store_true", help="skip transformers serve")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also vLLM's CPU build (../shared/tools/vllm_cpu.sh install first)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra argument for our server (repeatable)")
+    ap.add_argument("--out-dir", default="out", help="JSON and PNG go here (default ./out; "
+                                                     "$OUT when set)")
     args = ap.parse_args(argv)
 
     import qoq_jax  # noqa: F401  (the tokenizer for counting)
@@ -187,34 +217,45 @@ def main(argv=None) -> int:
 
     model_dir = args.model or str(assets.default_model_dir())
     tokenizer = load_tokenizer(model_dir)
+    print("| server | streams | output tok/s | TTFT median s | TTFT p99 s | TPOT median ms | "
+          "TPOT p99 ms |\n|---|---|---|---|---|---|---|", flush=True)
     rows = []
     if args.url:
-        rows.append(run_against("given", args.url, None, args, tokenizer, ignore_eos=False))
+        rows += run_against("given", args.url, None, args, tokenizer, ignore_eos=False)
     else:
-        port = _free_port()
-        proc = start_ours(args.model, args.variant, port, args.server_arg)
-        rows.append(run_against(f"qoq-jax {args.variant}", f"http://127.0.0.1:{port}/v1", proc,
-                                args, tokenizer, ignore_eos=True))
+        for variant in args.variant:
+            port = _free_port()
+            proc = start_ours(args.model, variant, port, args.server_arg)
+            rows += run_against(f"qoq-jax {variant}", f"http://127.0.0.1:{port}/v1", proc,
+                                args, tokenizer, ignore_eos=True)
         if not args.no_transformers:
             ref = os.environ.get("QOQ_REF_PYTHON") or str(REPO / ".venv-ref" / "bin" / "python")
             port = _free_port()
             proc = start_transformers(model_dir, port, ref)
-            rows.append(run_against("transformers serve --continuous-batching",
-                                    f"http://127.0.0.1:{port}/v1", proc, args, tokenizer,
-                                    ignore_eos=False))
-    print(f"{args.concurrency} concurrent streams, {args.requests} requests of {args.max_tokens} "
-          f"tokens{'' if args.rate is None else f', Poisson {args.rate}/s'}")
-    print("| server | output tok/s | TTFT median s | TTFT p99 s | TPOT median ms | TPOT p99 ms |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['server']} | {r['output_tokens_per_s']:.1f} | {r['ttft_median_s']:.2f} | "
-              f"{r['ttft_p99_s']:.2f} | {r['tpot_median_s'] * 1e3:.1f} | "
-              f"{r['tpot_p99_s'] * 1e3:.1f} |")
-    if len(rows) == 2:
-        print(f"ratio (ours / transformers): {rows[0]['output_tokens_per_s'] / rows[1]['output_tokens_per_s']:.2f}x")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "serve.json").write_text(json.dumps(rows, indent=1))
+            rows += run_against("transformers serve --continuous-batching",
+                                f"http://127.0.0.1:{port}/v1", proc, args, tokenizer,
+                                ignore_eos=False)
+        if args.vllm:
+            port = _free_port()
+            rows += run_against("vLLM 0.32 CPU", f"http://127.0.0.1:{port}/v1",
+                                start_vllm(model_dir, port), args, tokenizer, ignore_eos=True)
+    out = Path(os.environ.get("OUT") or args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(rows, indent=1))
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+
+    def series(key, scale=1.0):
+        return {name: ([r["concurrency"] for r in rows if r["server"] == name],
+                       [r[key] * scale for r in rows if r["server"] == name])
+                for name in servers}
+
+    from _plot import plot_curves
+
+    png = plot_curves(out / "serve.png", f"chat, {args.max_tokens} tokens per request",
+                      "concurrent streams", [("output tokens/s", series("output_tokens_per_s")),
+                                              ("median time to first token (s)",
+                                               series("ttft_median_s"))])
+    print(f"wrote {out / 'serve.json'} and {png}")
     print(json.dumps(rows))
     return 0
 

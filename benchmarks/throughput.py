@@ -66,6 +66,7 @@ def throughput(engine, batch, prompt, gen, vocab, seed=0):
     wall = time.perf_counter() - t
     n = sum(len(r.tokens) for r in out)
     return {"batch": batch, "generated": n, "wall_s": wall, "tokens_per_s": n / wall,
+            "last_first_token_s": engine.last_stats["first_token_s"],
             "compiles_in_run": engine.last_stats["compiles"]}
 
 
@@ -80,11 +81,11 @@ def step_latency(engine, batch, context, vocab, steps=4):
                                           for s in engine.scheduler.running):
         engine.step()
     engine.step()  # the first decode chunk (compiles if needed)
-    jax.block_until_ready(engine._cache)
+    jax.block_until_ready(engine.runner.cache)
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    jax.block_until_ready(engine._cache)
+    jax.block_until_ready(engine.runner.cache)
     ms = (time.perf_counter() - t) / (steps * engine.decode_steps) * 1e3
     for i in ids:
         engine.cancel(i)
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                     help="split each model over N devices (qoq_jax.sharding)")
+    ap.add_argument("--out-dir", default="out", help="where the JSON and PNG go (default ./out; "
+                                                     "$OUT when set)")
     args = ap.parse_args(argv)
     if args.smoke:
         hf, prompt, gen, batches, lat_batches, dtype = TINY, 64, 32, [2, 4], [1, 2], "float32"
@@ -138,11 +141,24 @@ def main(argv=None) -> int:
         f = next(r for r in rows if r["variant"] == "bf16" and r["batch"] == b)
         print(f"| {b} | {w['tokens_per_s']:.0f} | {f['tokens_per_s']:.0f} | "
               f"{w['tokens_per_s'] / f['tokens_per_s']:.2f}x |")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out, "throughput.json").write_text(json.dumps(
-            {**header(), "tensor_parallel": args.tensor_parallel, "prompt": prompt, "generated": gen, "rows": rows, "latency": lat},
-            indent=1))
+    out = Path(os.environ.get("OUT") or args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = header()
+    (out / "throughput.json").write_text(json.dumps(
+        {**meta, "tensor_parallel": args.tensor_parallel, "prompt": prompt, "generated": gen,
+         "rows": rows, "latency": lat}, indent=1))
+    from _plot import plot_curves
+
+    def series(key):
+        return {v: ([r["batch"] for r in rows if r["variant"] == v],
+                    [r[key] for r in rows if r["variant"] == v]) for v in ("w4a8kv4", "bf16")}
+
+    png = plot_curves(out / "throughput.png",
+                      f"{prompt} in / {gen} out, {meta.get('device')} ({meta.get('commit', '')})",
+                      "batch (concurrent sequences)",
+                      [("output tokens/s", series("tokens_per_s")),
+                       ("time to the last first token (s)", series("last_first_token_s"))])
+    print(f"wrote {out / 'throughput.json'} and {png}")
     return 0
 
 

@@ -83,7 +83,7 @@ class EngineConfig:
     prefill_chunk: int | None = None  # most prompt tokens of one request per step; CPU 512, GPU 1024
     prefill_budget: int | None = None  # tokens of one ragged step (decode rows + chunks);
     #                                    default max(prefill_chunk, 2 x max_slots); GPU 2048
-    decode_steps: int | None = None  # decode steps per dispatch; CPU 4, GPU 16 (at most 16)
+    decode_steps: int | None = None  # decode steps per dispatch; CPU 8, GPU 16 (at most 16)
     max_logprobs: int = 5  # the most alternatives a request may ask for
     max_stop_ids: int = 8  # stop token ids per request
     max_queue: int | None = None  # waiting requests before submit() refuses (None: no limit)
@@ -176,7 +176,7 @@ class Engine:
             raise ValueError(f"prefill_budget ({self.prefill_budget}) must exceed max_slots "
                              f"({self.max_slots}): a ragged step holds every decode row and "
                              f"some prompt tokens")
-        self.decode_steps = pick(cfg.decode_steps, 4, 16)
+        self.decode_steps = pick(cfg.decode_steps, 8, 16)
         self.max_logprobs = cfg.max_logprobs
         self.max_stop_ids = cfg.max_stop_ids
         self.max_queue = cfg.max_queue
@@ -220,7 +220,7 @@ class Engine:
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.allocator, max_slots=self.max_slots,
                          max_batch_tokens=self.prefill_budget, prefill_chunk=self.prefill_chunk,
-                         decode_steps=self.decode_steps)
+                         decode_steps=self.decode_steps, buckets=self.runner.buckets)
 
     @property
     def params(self):

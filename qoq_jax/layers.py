@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels._common import fixed_order_sum, pair_lone_rows, resolve_gemm_backend
-from pallas_kernels.packing import W4Group, W4PerChannel, WeightFormat
+from pallas_kernels.packing import W4Group, W4Int8, W4PerChannel, WeightFormat, to_int8
 from pallas_kernels.quantize import (QuantizedActivation, quantize_per_token, rmsnorm_quantize,
                                      silu_mul_quantize)
 from pallas_kernels.w4a8_matmul import w4a8_matmul
@@ -94,6 +94,7 @@ class W4A8Linear(nnx.Module):
             self.s2 = QuantParam(jnp.ones((g, n), jnp.int8))
             self.szero = QuantParam(jnp.zeros((g, n), jnp.uint8))
         self.bias = nnx.Param(jnp.zeros((n,), dtype)) if bias else None
+        self.layout = "packed"  # or "int8": the CPU route's runtime form (int8_runtime)
 
     @property
     def needs_row_sum(self) -> bool:
@@ -105,8 +106,13 @@ class W4A8Linear(nnx.Module):
         GEMM (a GPU, or a lowering test), the XLA references beside the XLA GEMM (CPU)."""
         return "xla" if self.gemm_backend == "xla" else "pallas"
 
-    def packed_weight(self) -> W4PerChannel | W4Group:
-        """The weight as the GEMM takes it (packing.W4PerChannel or W4Group)."""
+    def packed_weight(self) -> W4PerChannel | W4Group | W4Int8:
+        """The weight as the GEMM takes it (packing.W4PerChannel or W4Group; W4Int8 in the
+        CPU route's runtime layout)."""
+        if self.layout == "int8":
+            if not self.weight_format.is_group:
+                return W4Int8(self.int8_weight[...], self.scale[...], self.szero[...])
+            return W4Int8(self.int8_weight[...], self.s1[...])
         if not self.weight_format.is_group:
             return W4PerChannel(self.qweight[...], self.scale[...], self.szero[...])
         return W4Group(self.qweight[...], self.s1[...], self.s2[...], self.szero[...],
@@ -122,7 +128,7 @@ class W4A8Linear(nnx.Module):
         act = x if isinstance(x, QuantizedActivation) else quantize_per_token(
             x, with_sum=self.needs_row_sum, backend=self.act_backend)
         lead = act.values.shape[:-1]
-        k = self.qweight.shape[-1] * 2
+        k = (self.int8_weight.shape[-1] if self.layout == "int8" else self.qweight.shape[-1] * 2)
         flat = QuantizedActivation(
             act.values.reshape(-1, k), act.scale.reshape(-1),
             None if act.row_sum is None else act.row_sum.reshape(-1))
@@ -133,6 +139,28 @@ class W4A8Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+def int8_runtime(model: nnx.Module) -> nnx.Module:
+    """`model` for the CPU route: every W4A8 layer on the XLA GEMM holds its weight as the INT8
+    operand (packing.W4Int8, unpacked once here) instead of packed nibbles, so XLA:CPU's int8
+    dot computes the same INT32 sums without unpacking every step (docs/PERFORMANCE.md). A new
+    module tree that shares every other array with `model`, which is left as it is (it is
+    what checkpoints store). Layers on a GPU kernel, and float models, are unchanged."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    convert = jax.jit(to_int8)
+    for _, lin in nnx.iter_graph(out):
+        if not (isinstance(lin, W4A8Linear) and lin.gemm_backend == "xla"
+                and lin.layout == "packed"):
+            continue
+        w8 = convert(lin.packed_weight())
+        lin.int8_weight = QuantParam(w8.values)
+        del lin.qweight
+        if lin.weight_format.is_group:  # the epilogue keeps s1 only
+            del lin.s2, lin.szero
+        lin.layout = "int8"
+    return out
 
 
 def norm_input(norm: "RMSNorm", x: jax.Array, consumer: nnx.Module):

@@ -45,8 +45,10 @@ from flax import nnx
 from pallas_kernels.paged_attention import default_splits
 from qoq_jax import sharding
 from qoq_jax.kv_cache import SCRATCH_PAGE, cache_class, kernel_backend, make_cache
+from qoq_jax.layers import int8_runtime
 from qoq_jax.model import PREFILL_BLOCK_Q, TokenBatch, Transformer, forward
 from qoq_jax.sampling import sample
+from qoq_jax.scheduler import Buckets
 
 
 class Finish(enum.IntEnum):
@@ -347,66 +349,6 @@ def _score(graphdef, params, cache, batch: TokenBatch, targets, *, mesh=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# shapes
-
-MIN_TOKEN_BUCKET = 16
-
-
-def ladder(n: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them)
-    that is >= n: the bucket sizes of compiled shapes, at most a third of padding."""
-    b = 1
-    while True:
-        if b >= n:
-            return b
-        if b >= 2 and b + b // 2 >= n:
-            return b + b // 2
-        b *= 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """Every shape the runner's programs take (a short ladder each), so that an engine
-    compiles a handful of programs and ``warmup`` knows them all.
-
-    step: token counts of a ragged batch: 16, 32, 64 and then powers of two and 1.5 times
-    them, up to ``max_tokens`` (its rows are always ``slots``). decode: row counts of a
-    decode dispatch: powers of two from 2 (a lone row is paired) up to ``slots``.
-    """
-
-    max_tokens: int
-    slots: int
-
-    @property
-    def step(self) -> tuple[int, ...]:
-        out, n = [], MIN_TOKEN_BUCKET
-        while True:
-            b = self.step_tokens(n)
-            if not out or b != out[-1]:
-                out.append(b)
-            if b >= self.max_tokens:
-                return tuple(out)
-            n = b + 1
-
-    @property
-    def decode(self) -> tuple[int, ...]:
-        return tuple(sorted({self.decode_rows(n) for n in range(1, self.slots + 1)}))
-
-    def step_tokens(self, n: int) -> int:
-        """Padded token count of a ragged batch of n tokens."""
-        if n > self.max_tokens:
-            raise ValueError(f"{n} tokens exceed the batch limit of {self.max_tokens}")
-        b = max(MIN_TOKEN_BUCKET, 1 << max(0, (n - 1).bit_length()))
-        if b >= 64 and (b * 3) // 4 >= n:
-            b = (b * 3) // 4
-        return min(b, max(self.max_tokens, MIN_TOKEN_BUCKET))
-
-    def decode_rows(self, occupied: int) -> int:
-        """Rows of a decode dispatch over slots [0, occupied): a power of two, at least 2."""
-        return min(max(2, self.slots), max(2, 1 << max(0, (occupied - 1).bit_length())))
-
-
-# ----------------------------------------------------------------------------------------------
 # the runner
 
 def _put(x, where=None):
@@ -431,7 +373,8 @@ class DeviceRunner:
         self.dtype = model.dtype
         self.mesh = mesh if sharding.tp_size(mesh) > 1 else None
         self._where = None if self.mesh is None else sharding.replicated(self.mesh)
-        self.graphdef, params = nnx.split(model)
+        # the platform's runtime layout, decided once: the CPU route's INT8 weights
+        self.graphdef, params = nnx.split(int8_runtime(model))
         self.params = (self._put(params) if self.mesh is None
                        else sharding.shard_state(params, self.mesh))
         self.kv_cache = kv_cache
@@ -449,6 +392,12 @@ class DeviceRunner:
         self.state: SlotState | None = None
         self._table = np.zeros((self.slots, max_pages_per_seq), np.int32)
         self._table_dev = None
+        self._executables: dict[tuple[str, int], object] = {}
+        # XLA:CPU: LLVM's cheaper pipeline compiles each program ~25% faster, and its run time is
+        # the same within noise (the time is in the library dots; docs/PERFORMANCE.md)
+        self._compile_options = ({"xla_backend_optimization_level": 1,
+                                  "xla_llvm_disable_expensive_passes": True}
+                                 if jax.devices()[0].platform == "cpu" else {})
 
     def _put(self, x):
         return _put(x, self._where)
@@ -501,10 +450,10 @@ class DeviceRunner:
     def step(self, inputs: StepInputs) -> StepOutput:
         """Dispatch one ragged batch (host arrays, padded to a step bucket); returns its outputs
         (device arrays, copying to the host)."""
-        out, self.state, self.cache = _step(
-            self.graphdef, self.params, self.cache, self.state, self._table_dev,
-            jax.tree.map(self._put, inputs), n_top=self.max_logprobs, splits=self.splits,
-            mesh=self.mesh)
+        args = (self.params, self.cache, self.state, self._table_dev,
+                jax.tree.map(self._put, inputs))
+        exe = self._executable(("step", inputs.tokens.shape[0]), lambda: self._lower_step(args))
+        out, self.state, self.cache = exe(*args)
         _start_host_copy(out)
         return out
 
@@ -513,12 +462,29 @@ class DeviceRunner:
         max_steps = self.max_decode_steps
         if not 1 <= steps <= max_steps:
             raise ValueError(f"steps must be in [1, {max_steps}], got {steps}")
-        out, self.state, self.cache = _decode(
-            self.graphdef, self.params, self.cache, self.state, self._table_dev,
-            self._put(retire), self._put(np.int32(steps)), rows=rows, max_steps=max_steps,
-            n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh)
+        args = (self.params, self.cache, self.state, self._table_dev, self._put(retire),
+                self._put(np.int32(steps)))
+        exe = self._executable(("decode", rows), lambda: self._lower_decode(rows, args))
+        out, self.state, self.cache = exe(*args)
         _start_host_copy(out)
         return out
+
+    # The compilation manager: one executable per program and bucket, compiled ahead of time
+    # (warmup compiles them all, two at a time, without running them) and called directly.
+
+    def _executable(self, key, lower):
+        exe = self._executables.get(key)
+        if exe is None:
+            exe = self._executables[key] = lower().compile(compiler_options=self._compile_options)
+        return exe
+
+    def _lower_step(self, args):
+        return _step.lower(self.graphdef, *args, n_top=self.max_logprobs, splits=self.splits,
+                           mesh=self.mesh)
+
+    def _lower_decode(self, rows, args):
+        return _decode.lower(self.graphdef, *args, rows=rows, max_steps=self.max_decode_steps,
+                             n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh)
 
     max_decode_steps = 16  # the decode program's output width (a dispatch may run fewer)
 
@@ -546,17 +512,27 @@ class DeviceRunner:
         return {"step": self.buckets.step, "decode": self.buckets.decode}
 
     def warmup(self) -> int:
-        """Compile every program a workload can need (every step and decode bucket), on idle
-        rows and the scratch page only; returns how many were compiled. The caller makes sure
-        no request is running."""
+        """Compile every program a workload can need (every step and decode bucket) ahead of
+        time, two at a time, without running any; returns how many were compiled."""
+        import concurrent.futures
+
         self.allocate()
         before = COMPILES.count
+        todo = []
         for t in self.buckets.step:
-            self.step(self.empty_inputs(t))
-        no_retire = np.zeros((self.slots,), bool)
+            if ("step", t) not in self._executables:
+                args = (self.params, self.cache, self.state, self._table_dev,
+                        jax.tree.map(self._put, self.empty_inputs(t)))
+                todo.append((("step", t), self._lower_step(args)))
         for rows in self.buckets.decode:
-            self.decode(rows, 1, no_retire)
-        jax.block_until_ready(self.cache)
+            if ("decode", rows) not in self._executables:
+                args = (self.params, self.cache, self.state, self._table_dev,
+                        self._put(np.zeros((self.slots,), bool)), self._put(np.int32(1)))
+                todo.append((("decode", rows), self._lower_decode(rows, args)))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles off the GIL
+            compile_ = lambda kl: kl[1].compile(compiler_options=self._compile_options)  # noqa: E731
+            for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
+                self._executables[key] = exe
         return COMPILES.count - before
 
     # ------------------------------------------------------------------------------------------
@@ -590,20 +566,14 @@ class DeviceRunner:
     def compiled_memory(self) -> dict[str, object]:
         """memory_analysis() of every program as the runner compiles it (donation included),
         by name ("step/64", "decode/8", ...)."""
-        self.allocate()
-        out = {}
-        for t in self.buckets.step:
-            _, args = self.step_program(t)
-            out[f"step/{t}"] = _step.lower(
-                self.graphdef, *args, n_top=self.max_logprobs, splits=self.splits,
-                mesh=self.mesh).compile().memory_analysis()
-        for rows in self.buckets.decode:
-            _, args = self.decode_program(rows)
-            out[f"decode/{rows}"] = _decode.lower(
-                self.graphdef, *args, rows=rows, max_steps=self.max_decode_steps,
-                n_top=self.max_logprobs, splits=self.splits,
-                mesh=self.mesh).compile().memory_analysis()
-        return out
+        self.warmup()
+        return {f"{kind}/{n}": exe.memory_analysis()
+                for (kind, n), exe in sorted(self._executables.items())}
+
+    @property
+    def compiled_programs(self) -> list[str]:
+        """The programs compiled so far, by name ("step/64", "decode/8", ...)."""
+        return [f"{kind}/{n}" for kind, n in sorted(self._executables)]
 
 
 def stack_params(rows: Sequence[dict], width: int) -> RowParams:

@@ -119,6 +119,51 @@ class Plan:
         return not (self.chunks or self.decode)
 
 
+MIN_TOKEN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Every shape the engine's programs take, so that an engine compiles a handful of
+    programs and its warm-up knows them all.
+
+    step: token counts of a ragged step: powers of two from 16 up to ``max_tokens`` (and
+    ``max_tokens`` itself). The scheduler trims an iteration's last chunk to the bucket below
+    rather than pad far up to the bucket above (see ``Scheduler._fit``), so the ladder can be
+    coarse. decode: row counts of a decode dispatch: powers of two from 2 (a lone row is
+    paired) up to ``slots``.
+    """
+
+    max_tokens: int
+    slots: int
+
+    @property
+    def step(self) -> tuple[int, ...]:
+        out, b = [], MIN_TOKEN_BUCKET
+        while b < self.max_tokens:
+            out.append(b)
+            b *= 2
+        return tuple(out) + (max(self.max_tokens, MIN_TOKEN_BUCKET),)
+
+    @property
+    def decode(self) -> tuple[int, ...]:
+        return tuple(sorted({self.decode_rows(n) for n in range(1, self.slots + 1)}))
+
+    def step_tokens(self, n: int) -> int:
+        """Padded token count of a ragged step of n tokens (the bucket above)."""
+        if n > max(self.max_tokens, MIN_TOKEN_BUCKET):
+            raise ValueError(f"{n} tokens exceed the batch limit of {self.max_tokens}")
+        return next(b for b in self.step if b >= n)
+
+    def step_tokens_below(self, n: int) -> int:
+        """The largest bucket <= n (0 if none)."""
+        return max((b for b in self.step if b <= n), default=0)
+
+    def decode_rows(self, occupied: int) -> int:
+        """Rows of a decode dispatch over slots [0, occupied): a power of two, at least 2."""
+        return min(max(2, self.slots), max(2, 1 << max(0, (occupied - 1).bit_length())))
+
+
 class NeedsDrain(Exception):
     """A preemption is needed while device work is in flight: read it back first."""
 
@@ -131,7 +176,7 @@ class Scheduler:
     """
 
     def __init__(self, allocator: PageAllocator, *, max_slots: int, max_batch_tokens: int,
-                 prefill_chunk: int, decode_steps: int):
+                 prefill_chunk: int, decode_steps: int, buckets: Buckets | None = None):
         if max_batch_tokens < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_tokens and prefill_chunk must be >= 1")
         if max_batch_tokens <= max_slots:
@@ -143,6 +188,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk = prefill_chunk
         self.decode_steps = decode_steps
+        self.buckets = buckets or Buckets(max_tokens=max_batch_tokens, slots=max_slots)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order
         self._free_slots = list(range(max_slots))  # a heap: lowest slot first keeps rows dense
@@ -227,6 +273,7 @@ class Scheduler:
         # 3. no prompt work: a decode dispatch of several steps (pages for all of them)
         if plan.chunks:
             plan.steps = 1
+            self._fit(plan)
         elif plan.decode:
             plan.steps = self.decode_steps
             for seq in list(plan.decode):
@@ -235,6 +282,21 @@ class Scheduler:
             plan.decode = [s for s in plan.decode if s.status == Status.DECODING]
         self._commit(plan)
         return plan
+
+    # Padding a ragged step costs compute for nothing, but a step's time is mostly reading the
+    # weights until it holds a few hundred tokens: trimming is worth a later step only when
+    # this many padding tokens or more would be saved.
+    MIN_PADDING_SAVED = 64
+
+    def _fit(self, plan: Plan) -> None:
+        """Trim the last chunk to the bucket below when that defers fewer prompt tokens than
+        padding up to the bucket above would waste (the deferred ones run next iteration)."""
+        n = plan.num_tokens
+        up, down = self.buckets.step_tokens(n), self.buckets.step_tokens_below(n)
+        last = plan.chunks[-1]
+        cut = n - down
+        if up - n >= max(cut + 1, self.MIN_PADDING_SAVED) and cut < last.length:
+            plan.chunks[-1] = Chunk(last.seq, last.start, last.length - cut, False)
 
     def _commit(self, plan: Plan) -> None:
         for seq in plan.decode:

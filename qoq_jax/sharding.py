@@ -64,7 +64,7 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
                     else ("embed", ROW_PARALLEL[module]))
         if rank == 2 and name in ("s2", "szero"):  # progressive-group scales [groups, N]
             axes = (inp, out)
-        elif rank == 2:  # weight [N, K], qweight [N, K/2]
+        elif rank == 2:  # weight [N, K], qweight [N, K/2], int8_weight [N, K]
             axes = (out, inp)
         else:  # bias, per-channel scale/szero, s1: [N]
             axes = (out,)

@@ -97,12 +97,10 @@ def test_convert_reload_generate(tmp_path, name, method, fmt):
 
 
 def _all_logits(llm, tokens):
-    from flax import nnx
-
     from qoq_jax.kv_cache import make_cache
     from qoq_jax.model import prefill
 
-    model = nnx.merge(llm.engine.graphdef, llm.engine.params)
+    model = llm.model
     cfg = model.config
     cache = make_cache(llm.engine.kv_cache, cfg.num_layers, 9, 16, cfg.num_kv_heads,
                        cfg.head_dim, jnp.float32)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import make_tiny_checkpoint
 
 from qoq_jax.config import ModelConfig
@@ -410,3 +411,105 @@ def test_key_rotation_keeps_the_function_and_shrinks_the_kv4_key_error(tmp_path)
     assert _engine(model).generate([prompt], GREEDY)[0].tokens == outs[0]
     with pytest.raises(CheckpointError, match="key_scale"):  # the config needs the tensors
         from_hf_weights(scaled, weights, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# the second design: ragged steps, a handful of programs, nothing in proportion to the pools
+
+
+def test_decode_rows_ride_along_while_a_newcomer_is_prefilled(model):
+    """While a long prompt is prefilled in several ragged steps, the running sequences keep
+    decoding in the same steps (no stall), and every output equals the one alone."""
+    eng = _engine(model, prefill_chunk=16, prefill_budget=24, max_slots=4)
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=())
+    early = _prompts(2, seed=31, longest=8)
+    late = _prompts(1, seed=32, longest=2)[0] * 90
+    rids = [eng.submit(p, params) for p in early]
+    for _ in range(3):
+        eng.step()
+    made = {r: len(eng._requests[r].seq.output) for r in rids}
+    rids.append(eng.submit(late, params))
+    ragged0 = eng.stats["ragged_steps"]
+    for _ in range(4):  # the 90-token prompt takes several ragged steps of <= 24 tokens
+        eng.step()
+    assert eng.stats["ragged_steps"] - ragged0 >= 3
+    assert all(len(eng._requests[r].seq.output) > made[r] for r in rids[:2])  # no stall
+    eng.run(lambda: all(eng.finished(r) for r in rids))
+    for rid, p in zip(rids, early + [late]):
+        assert eng.result(rid).tokens == _engine(model).generate([p], params)[0].tokens
+
+
+def test_a_default_engine_compiles_a_handful_of_programs(tmp_path):
+    """A default CPU engine (16 slots, 512-token steps) under a mixed workload: prompts of 1 to
+    700 tokens, greedy and sampled, streamed, cancelled, log-probabilities: every program it
+    compiles is one of its buckets, and there are at most 16 (docs/ARCHITECTURE.md lists them)."""
+    d = make_tiny_checkpoint(tmp_path / "m", "qwen2", seed=3, max_position_embeddings=1024)
+    m = from_hf_weights(ModelConfig.from_json(d), SafetensorsCheckpoint(d), jnp.float32)
+    eng = Engine(m, num_pages=400)
+    shapes = eng.program_shapes()
+    assert shapes == {"step": (16, 32, 64, 128, 256, 512), "decode": (2, 4, 8, 16)}
+    eng.runner.allocate()  # the pools (zeros: a small program of their own, once)
+    before = COMPILES.count
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 100, n).tolist() for n in (1, 5, 17, 40, 90, 200, 300, 700)]
+    params = [SamplingParams(max_new_tokens=int(rng.integers(1, 40)), stop_token_ids=(),
+                             temperature=float(rng.choice([0.0, 0.8])), seed=i,
+                             logprobs=2 if i % 3 == 0 else None) for i in range(len(prompts))]
+    eng.generate(prompts, params)
+    eng.generate(prompts[:3] * 6, params[:3] * 6)  # 18 requests: more than the slots
+    list(eng.stream(prompts[2], GREEDY))
+    rid = eng.submit(prompts[4], SamplingParams(max_new_tokens=30))
+    eng.step()
+    eng.cancel(rid)
+    eng.run(lambda: eng.finished(rid))
+    compiled = COMPILES.count - before
+    names = eng.runner.compiled_programs
+    assert compiled == len(names) <= 16, (compiled, names)
+    assert set(names) <= {f"step/{t}" for t in shapes["step"]} | {
+        f"decode/{r}" for r in shapes["decode"]}
+
+
+@pytest.mark.parametrize("kind", ["16bit", "kv4"])
+def test_no_program_holds_memory_in_proportion_to_the_pools(model, kind):
+    """Every program of the engine, compiled as it runs them (pools donated): the temporary
+    memory is the same for a pool of 60 and of 20,000 pages, so nothing copies or touches
+    whole pools per step."""
+    temp = {}
+    for pages in (60, 20000):
+        eng = _engine(model, kv_cache=kind, num_pages=pages)
+        temp[pages] = {k: v.temp_size_in_bytes for k, v in eng.runner.compiled_memory().items()}
+        pool = eng.kv_bytes
+    assert temp[60] == temp[20000]
+    assert max(temp[20000].values()) < pool / 5
+
+
+def test_the_cpu_route_computes_what_the_packed_gemm_does(tmp_path):
+    """On the XLA GEMM the runner holds W4A8 weights as INT8 operands (layers.int8_runtime):
+    the forward pass gives bit-identical logits, and the stored model keeps its packed form."""
+    from helpers import make_tiny_quant_checkpoint
+
+    from qoq_jax.convert import quantize
+    from qoq_jax.kv_cache import make_cache
+    from qoq_jax.layers import int8_runtime
+    from qoq_jax.loading import load_source
+    from qoq_jax.model import TokenBatch, forward
+    from qoq_jax.quant.config import QuantConfig
+
+    src = make_tiny_quant_checkpoint(tmp_path / "q", "llama", seed=1)
+    cfg, weights, tok, _ = load_source(str(src))
+    for fmt in ("g128", "per-channel"):
+        qmodel, _ = quantize(cfg, weights, tok, QuantConfig(method="rtn", weight_format=fmt),
+                             dtype="float32", progress=False)
+        rt = int8_runtime(qmodel)
+        assert rt.layers.mlp.down_proj.layout == "int8"
+        assert hasattr(qmodel.layers.mlp.down_proj, "qweight")  # left as it is
+        tokens = jnp.asarray(np.random.default_rng(2).integers(3, 250, (2, 24)), jnp.int32)
+        batch = TokenBatch.padded(tokens, jnp.zeros((2,), jnp.int32), jnp.asarray([24, 17]),
+                                  jnp.arange(1, 9, dtype=jnp.int32).reshape(2, 4))
+        run = jax.jit(lambda m, b: forward(m, b, make_cache(
+            "kv4", cfg.num_layers, 9, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32),
+            all_logits=True)[0])
+        np.testing.assert_array_equal(np.asarray(run(rt, batch)), np.asarray(run(qmodel, batch)))
+        eng = _engine(qmodel, kv_cache="kv4", page_size=8)
+        names = {str(p[-1]) for p, _ in nnx.to_flat_state(eng.runner.params)}
+        assert "int8_weight" in names and "qweight" not in names

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from qoq_jax.kv_cache import PageAllocator
-from qoq_jax.runner import Buckets, ladder
 from qoq_jax.sampling import SamplingParams
-from qoq_jax.scheduler import NeedsDrain, Scheduler, Sequence, Status
+from qoq_jax.scheduler import Buckets, NeedsDrain, Scheduler, Sequence, Status
 
 
 def _sched(num_pages=64, page_size=4, slots=4, chunk=16, budget=None, steps=4):
@@ -44,12 +43,13 @@ class FakeDevice:
 
 
 def test_buckets():
-    assert [ladder(n) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
     b = Buckets(max_tokens=512, slots=16)
-    assert b.step == (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    assert b.step == (16, 32, 64, 128, 256, 512)
     assert b.decode == (2, 4, 8, 16)
-    assert [b.step_tokens(n) for n in (1, 16, 17, 33, 49, 65, 100, 512)] == \
-        [16, 16, 32, 48, 64, 96, 128, 512]
+    assert [b.step_tokens(n) for n in (1, 16, 17, 33, 65, 100, 512)] == \
+        [16, 16, 32, 64, 128, 128, 512]
+    assert [b.step_tokens_below(n) for n in (15, 16, 300, 512)] == [0, 16, 256, 512]
+    assert Buckets(max_tokens=40, slots=8).step == (16, 32, 40)
     with pytest.raises(ValueError, match="exceed"):
         b.step_tokens(513)
     assert [b.decode_rows(n) for n in (1, 2, 3, 5, 16)] == [2, 2, 4, 8, 16]
@@ -84,6 +84,21 @@ def test_decode_rows_ride_along_with_prompt_chunks_under_the_token_budget():
     dev.run(plan)
     plan = s.schedule()
     assert plan.decode == [a] and plan.chunks[0].start == 19
+
+
+def test_the_last_chunk_is_trimmed_to_a_bucket_rather_than_padded_far():
+    s = _sched(num_pages=200, slots=4, chunk=512, budget=512)
+    s.add(_seq(0, 300))
+    plan = s.schedule()
+    # 300 tokens would pad to 512 (212 wasted); 256 now and 44 next time waste nothing
+    assert [(c.length, c.final) for c in plan.chunks] == [(256, False)]
+    FakeDevice(s).run(plan)
+    plan = s.schedule()
+    # 44 pad to 64: too little to be worth another step
+    assert [(c.start, c.length, c.final) for c in plan.chunks] == [(256, 44, True)]
+    s2 = _sched(num_pages=200, slots=4, chunk=512, budget=512)
+    s2.add(_seq(0, 500))  # 12 tokens of padding: not worth a second step
+    assert [c.length for c in s2.schedule().chunks] == [500]
 
 
 def test_without_prompt_work_decode_rows_run_several_steps():
