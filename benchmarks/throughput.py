@@ -51,7 +51,7 @@ def _engine(hf, variant, batch, prompt, gen, dtype, smoke, tensor_parallel=1):
     return Engine(model, mesh=make_mesh(tensor_parallel),
                   kv_cache="kv4" if variant == "w4a8kv4" else "16bit", page_size=page,
                   max_slots=batch, num_pages=pages, prefill_chunk=512 if smoke else 1024,
-                  prefill_budget=512 if smoke else 4096, decode_steps=16)
+                  prefill_budget=512 if smoke else 4096, decode_steps=4 if smoke else 16)
 
 
 def throughput(engine, batch, prompt, gen, vocab, seed=0):
@@ -73,7 +73,9 @@ def throughput(engine, batch, prompt, gen, vocab, seed=0):
 def step_latency(engine, batch, context, vocab, steps=4):
     """Milliseconds per decode step with `batch` sequences at about `context` tokens."""
     rng = np.random.default_rng(1)
-    params = SamplingParams(max_new_tokens=(steps + 3) * engine.decode_steps, stop_token_ids=())
+    new = (steps + 3) * engine.decode_steps
+    context = min(context, engine.max_context - new)  # --smoke's tiny context
+    params = SamplingParams(max_new_tokens=new, stop_token_ids=())
     ids = [engine.submit(rng.integers(2, vocab, context).tolist(), params)
            for _ in range(batch)]
     engine.step()

@@ -59,7 +59,40 @@ class MLP(nnx.Module):
         self.down_proj = make_linear(f, d, bias=cfg.mlp_bias, dtype=dtype, factory=linear)
 
     def __call__(self, h) -> jax.Array:
-        return self.down_proj(swiglu_input(self.gate_proj(h), self.up_proj(h), self.down_proj))
+        gate, up = mlp_gate_up(self, h)
+        return self.down_proj(swiglu_input(gate, up, self.down_proj))
+
+
+def first_projection(module: nnx.Module) -> nnx.Module:
+    """The projection that reads a block's normalised input (q_proj or qkv_proj; gate_proj or
+    gate_up_proj): its kind decides whether the norm is fused with INT8 quantization."""
+    for name in ("qkv_proj", "q_proj", "gate_up_proj", "gate_proj"):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"{type(module).__name__} has no input projection")
+
+
+def mlp_gate_up(mlp: MLP, h) -> tuple[jax.Array, jax.Array]:
+    """(gate, up) projections of h: two GEMMs, or one of the fused gate_up_proj."""
+    if hasattr(mlp, "gate_up_proj"):
+        both = mlp.gate_up_proj(h)
+        half = both.shape[-1] // 2
+        return both[..., :half], both[..., half:]
+    return mlp.gate_proj(h), mlp.up_proj(h)
+
+
+def attention_qkv(attn: "Attention", cfg: ModelConfig, h):
+    """q, k, v [..., heads, head_dim] of h: three GEMMs, or one of the fused qkv_proj (whose
+    outputs are q, k, v in that order: on a tensor-parallel shard, its own heads of each)."""
+    lead = h.values.shape[:-1] if hasattr(h, "values") else h.shape[:-1]
+    if hasattr(attn, "qkv_proj"):
+        qkv = attn.qkv_proj(h)
+        n, hq, hkv = qkv.shape[-1], cfg.num_heads, cfg.num_kv_heads
+        nq, nk = n * hq // (hq + 2 * hkv), n * hkv // (hq + 2 * hkv)
+        parts = (qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:])
+    else:
+        parts = (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+    return tuple(a.reshape(*lead, -1, cfg.head_dim) for a in parts)
 
 
 class DecoderLayer(nnx.Module):
@@ -98,10 +131,9 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
     arrays' shapes), and o_proj / down_proj sum their partial products over `axis`."""
     lead = x.shape[:-1]  # [T] for a ragged batch ([B, T] in calibration)
     attn = layer.self_attn
-    h = norm_input(layer.input_layernorm, x, attn.q_proj)  # float, or INT8 for W4A8 layers
-    q = attn.q_proj(h).reshape(*lead, -1, cfg.head_dim)
-    k = attn.k_proj(h).reshape(*lead, -1, cfg.head_dim)
-    v = attn.v_proj(h).reshape(*lead, -1, cfg.head_dim)
+    # float, or INT8 for W4A8 layers
+    h = norm_input(layer.input_layernorm, x, first_projection(attn))
+    q, k, v = attention_qkv(attn, cfg, h)
     if cfg.key_rotation:
         # Rotate q and k per head after RoPE (scores unchanged); the cache then gets keys that
         # already carry RoPE, so its fused RoPE runs with the identity angles (cos 1, sin 0).
@@ -114,8 +146,8 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
         cache = cache.write(layer_idx, k, v, cos, sin, page, slot)  # RoPE on k happens inside
         o = attend(apply_rope(q, cos, sin), cache, layer_idx).reshape(*lead, -1)
     x = x + (attn.o_proj(o) if axis is None else _row_parallel(attn.o_proj, o, axis))
-    x = x + _mlp(layer.mlp, norm_input(layer.post_attention_layernorm, x, layer.mlp.gate_proj),
-                 axis)
+    x = x + _mlp(layer.mlp, norm_input(layer.post_attention_layernorm, x,
+                                       first_projection(layer.mlp)), axis)
     return x, cache
 
 
@@ -147,7 +179,7 @@ def _row_parallel(linear, x, axis):
 def _mlp(mlp: MLP, h, axis):
     if axis is None:
         return mlp(h)
-    gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+    gate, up = mlp_gate_up(mlp, h)
     if isinstance(mlp.down_proj, W4A8Linear):
         act = quantize_sharded_rows(gate, axis, up=up, with_sum=mlp.down_proj.needs_row_sum)
     else:
@@ -319,6 +351,48 @@ def decode_step(model: Transformer, tokens: jax.Array, positions: jax.Array, act
     """
     batch = TokenBatch.padded(tokens[:, None], positions, active.astype(jnp.int32), page_table)
     return forward(model, batch, cache, block_q=1, splits=splits, mesh=mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runtime layout: fused projections
+
+# the output-feature axis of each variable of a projection (Linear or W4A8Linear, stacked)
+_N_AXIS = {"weight": -2, "qweight": -2, "int8_weight": -2}
+
+
+def _concat_outputs(parts: list[nnx.Module], tp: int) -> nnx.Module:
+    """One projection computing what `parts` (same input, same format) compute, outputs
+    concatenated; with tp > 1 in shard-major order (each of the tp equal blocks of N holds that
+    shard's outputs of every part), so a column-parallel split still gives each device its
+    own outputs of each part."""
+    fused = nnx.clone(parts[0])
+    for name, var in list(vars(parts[0]).items()):
+        if not isinstance(var, nnx.Variable):
+            continue
+        axis = _N_AXIS.get(name, -1)
+        values = [getattr(p, name)[...] for p in parts]
+        blocks = [jnp.split(v, tp, axis=axis) for v in values]
+        setattr(fused, name, type(var)(jnp.concatenate(
+            [b[i] for i in range(tp) for b in blocks], axis=axis)))
+    fused.out_features = sum(p.out_features for p in parts)
+    return fused
+
+
+def fuse_projections(model: Transformer, tensor_parallel: int = 1) -> Transformer:
+    """`model` with q/k/v_proj as one qkv_proj and gate/up_proj as one gate_up_proj: one GEMM
+    each instead of three and two (fewer, larger dots; docs/PERFORMANCE.md). A new module tree
+    that shares every other array with `model`, which stays as checkpoints store it."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    attn, mlp = out.layers.self_attn, out.layers.mlp
+    if not hasattr(attn, "qkv_proj"):
+        attn.qkv_proj = _concat_outputs([attn.q_proj, attn.k_proj, attn.v_proj],
+                                        tensor_parallel)
+        del attn.q_proj, attn.k_proj, attn.v_proj
+    if not hasattr(mlp, "gate_up_proj"):
+        mlp.gate_up_proj = _concat_outputs([mlp.gate_proj, mlp.up_proj], tensor_parallel)
+        del mlp.gate_proj, mlp.up_proj
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from pallas_kernels.paged_attention import default_splits
 from qoq_jax import sharding
 from qoq_jax.kv_cache import SCRATCH_PAGE, cache_class, kernel_backend, make_cache
 from qoq_jax.layers import int8_runtime
-from qoq_jax.model import PREFILL_BLOCK_Q, TokenBatch, Transformer, forward
+from qoq_jax.model import PREFILL_BLOCK_Q, TokenBatch, Transformer, forward, fuse_projections
 from qoq_jax.sampling import sample
 from qoq_jax.scheduler import Buckets
 
@@ -373,8 +373,10 @@ class DeviceRunner:
         self.dtype = model.dtype
         self.mesh = mesh if sharding.tp_size(mesh) > 1 else None
         self._where = None if self.mesh is None else sharding.replicated(self.mesh)
-        # the platform's runtime layout, decided once: the CPU route's INT8 weights
-        self.graphdef, params = nnx.split(int8_runtime(model))
+        # the runtime layout, decided once: fused q/k/v and gate/up projections, and the CPU
+        # route's INT8 weights
+        self.graphdef, params = nnx.split(
+            fuse_projections(int8_runtime(model), sharding.tp_size(mesh)))
         self.params = (self._put(params) if self.mesh is None
                        else sharding.shard_state(params, self.mesh))
         self.kv_cache = kv_cache

@@ -62,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU memory)")
     p.add_argument("--page-size", type=page_size_arg, default=16, help="tokens per KV page")
     p.add_argument("--prefill-chunk", type=page_size_arg,
-                   help="prompt tokens per prefill chunk, a power of two (default 512 CPU, 1024 GPU)")
+                   help="most prompt tokens of one request per engine step, a power of two "
+                        "(default 512 CPU, 1024 GPU)")
     p.add_argument("--prefill-budget", type=positive_int,
-                   help="padded prompt tokens prefilled per engine step (default: one chunk)")
-    p.add_argument("--decode-steps", type=positive_int,
-                   help="decode steps per dispatch (default 8 CPU, 16 GPU)")
+                   help="tokens of one engine step: decode rows plus prompt chunks (default: "
+                        "the chunk, at least 2 x max-slots; 2048 on GPU)")
+    p.add_argument("--decode-steps", type=bounded_int(1, 16),
+                   help="decode steps per dispatch when no prompt waits (default 8 CPU, 16 GPU)")
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="waiting requests before new ones get 429 (default 256)")
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,

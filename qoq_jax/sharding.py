@@ -43,7 +43,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 
 # projection -> logical name of its split dimension (N for column-, K for row-parallel)
 COLUMN_PARALLEL = {"q_proj": "heads", "k_proj": "kv_heads", "v_proj": "kv_heads",
-                   "gate_proj": "mlp", "up_proj": "mlp"}
+                   "gate_proj": "mlp", "up_proj": "mlp",
+                   # the runtime's fused projections (model.fuse_projections), shard-major
+                   "qkv_proj": "heads", "gate_up_proj": "mlp"}
 ROW_PARALLEL = {"o_proj": "heads", "down_proj": "mlp"}
 
 # KV cache pools: [L, num_pages, Hkv, page_size, ...] for every array of both cache kinds

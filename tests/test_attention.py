@@ -172,3 +172,94 @@ def test_attention_kernels_lower_for_h100(d, g, nq):
         q, k, v, jnp.int32(1), t, s, n, kv4_scales=sc, splits=splits, backend="pallas"),
         q, kq, kq, table, start, lens, (st, st, st, st))
     assert TRITON_CALL in t16 and TRITON_CALL in t4
+
+
+# ----------------------------------------------------------------------------------------------
+# ragged batches: decode rows and prefill chunks of several sequences on one flat token axis
+
+
+def _ragged_case(seed, q_lens, starts, g=3, hkv=3, d=64, page=16):
+    """A ragged batch: sequence s has q_lens[s] queries at positions starts[s] + i; returns
+    (q [T, Hq, D], pools, per-sequence arrays, the NumPy answer [T, Hq, D])."""
+    q, k, v, table, st, lens = _case(seed, max(q_lens), g, hkv, d, page, starts)
+    flat = np.concatenate([q[i, :n] for i, n in enumerate(q_lens)])
+    expect_rows = _numpy(q, k, v, table, st, lens, 1)
+    expect = np.concatenate([expect_rows[i, :n] for i, n in enumerate(q_lens)])
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int32)
+    seqs = dict(q_start=q_start, q_len=np.asarray(q_lens, np.int32),
+                q_pos0=np.asarray(starts, np.int32),
+                kv_len=(np.asarray(starts) + np.asarray(q_lens)).astype(np.int32),
+                page_table=table)
+    return flat, k, v, seqs, expect
+
+
+@pytest.mark.parametrize("block_q", [1, 16])
+def test_ragged_batch_of_decode_rows_and_chunks(block_q):
+    """Decode rows (1 query) and chunks (37 and 16 queries, one of them later in its prompt)
+    in one call: the Pallas kernel (interpret mode) and the XLA reference equal NumPy, for
+    items of 1 and of 16 queries; tokens past the batch's real ones come out zero."""
+    from pallas_kernels.paged_attention import ragged_layout, ragged_paged_attention
+
+    q_lens, starts = [1, 37, 1, 16], [40, 0, 99, 64]
+    flat, k, v, seqs, expect = _ragged_case(3, q_lens, starts)
+    t = len(flat) + 5  # padding tokens at the end of the flat axis
+    qf = np.zeros((t,) + flat.shape[1:], np.float32)
+    qf[:len(flat)] = flat
+    layout = ragged_layout(*(jnp.asarray(seqs[n]) for n in
+                             ("q_start", "q_len", "q_pos0", "kv_len", "page_table")),
+                           num_tokens=t, block_q=block_q)
+    for kw in ({"backend": "xla"}, PALLAS):
+        got = np.asarray(ragged_paged_attention(jnp.asarray(qf), jnp.asarray(k), jnp.asarray(v),
+                                                jnp.int32(1), layout, **kw))
+        np.testing.assert_allclose(got[:len(flat)], expect, atol=2e-5, err_msg=str(kw))
+        assert not got[len(flat):].any()
+
+
+def test_ragged_rows_do_not_depend_on_the_batch_or_the_cut():
+    """A query's result is bit-identical as a decode row alone, in a ragged batch beside
+    chunks, and inside a chunk cut into items of 16: what keeps a request's tokens the same
+    whatever its chunking and whatever shares its step (XLA path)."""
+    from pallas_kernels.paged_attention import ragged_layout, ragged_paged_attention
+
+    q_lens, starts = [1, 40, 1], [70, 30, 5]
+    flat, k, v, seqs, _ = _ragged_case(9, q_lens, starts)
+
+    def run(q, seqs, block_q):
+        layout = ragged_layout(*(jnp.asarray(seqs[n]) for n in
+                                 ("q_start", "q_len", "q_pos0", "kv_len", "page_table")),
+                               num_tokens=len(q), block_q=block_q)
+        return np.asarray(jax.jit(lambda q: ragged_paged_attention(
+            q, jnp.asarray(k), jnp.asarray(v), 1, layout, backend="xla"))(jnp.asarray(q)))
+
+    mixed = run(flat, seqs, 16)
+    for s in (0, 2):  # each decode row alone (padded with one idle row)
+        one = {n: a[s:s + 1] for n, a in seqs.items()}
+        one["q_start"] = np.zeros(1, np.int32)
+        alone = run(np.concatenate([flat[seqs["q_start"][s]][None]] * 2), one, 1)
+        assert np.array_equal(alone[0], mixed[seqs["q_start"][s]])
+    # the chunk as 40 decode-like items of one query each
+    chunk = {n: a[1:2] for n, a in seqs.items()}
+    chunk["q_start"] = np.zeros(1, np.int32)
+    lo = seqs["q_start"][1]
+    assert np.array_equal(run(flat[lo:lo + 40], chunk, 1), mixed[lo:lo + 40])
+
+
+@pytest.mark.parametrize("kv4", [False, True])
+def test_ragged_attention_lowers_for_h100(kv4):
+    from pallas_kernels.paged_attention import ragged_layout, ragged_paged_attention
+
+    hkv, g, d, page, t, s = 2, 4, 128, 16, 64, 8
+    q = jnp.zeros((t, hkv * g, d), jnp.bfloat16)
+    shape = (2, 33, hkv, page, d // 2 if kv4 else d)
+    pool = jnp.zeros(shape, jnp.uint8 if kv4 else jnp.bfloat16)
+    sc = jnp.zeros(shape[:-1], jnp.float16)
+    z = jnp.zeros((s,), jnp.int32)
+
+    def fn(q, k, v, table, z, *scales):
+        layout = ragged_layout(z, z, z, z, table, num_tokens=t, block_q=16)
+        return ragged_paged_attention(q, k, v, jnp.int32(1), layout, backend="pallas",
+                                      kv4_scales=scales or None)
+
+    hlo = lower_for_h100(fn, q, pool, pool, jnp.zeros((s, 8), jnp.int32), z,
+                         *((sc,) * 4 if kv4 else ()))
+    assert TRITON_CALL in hlo

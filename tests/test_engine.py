@@ -363,8 +363,9 @@ def test_quantized_model_lowers_with_the_mosaic_gpu_gemm(tmp_path):
     assert qmodel.layers.mlp.down_proj.gemm_backend == "mosaic"
     pre, dec = _lower_engine_programs(qmodel, "kv4")
     for hlo in (pre, dec):
-        # 7 projections per layer, under lax.scan: one call site each in the layer body
-        assert hlo.count("custom_call @mosaic_gpu_v2") >= 7
+        # 4 GEMMs per layer (the runner fuses q/k/v and gate/up), under lax.scan: one call
+        # site each in the layer body
+        assert hlo.count("custom_call @mosaic_gpu_v2") >= 4
         assert hlo.count(TRITON_CALL) >= 2  # attention and the KV4 write
 
 
