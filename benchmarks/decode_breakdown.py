@@ -8,7 +8,7 @@ engine's own decode program over `rows` active slots at position --position, tim
   the layers (q/k/v/o, gate/up/down per layer, then lm_head), at the same row count,
 so the table says how much is matmul, how much attention, how much the rest (norms, RoPE, KV
 write, sampling, the loop). And the weight-streaming floor: the weights' bytes over the read
-bandwidth XLA reaches here.
+bandwidth: numpy's copy bandwidth here (bytes read and written per second).
 
     .venv/bin/python benchmarks/decode_breakdown.py [--variant fp32|w4a8kv4] [--rows 2 16]
 """
@@ -58,7 +58,10 @@ def _matmuls(runner, rows: int):
     import jax.numpy as jnp
     from flax import nnx
 
+    from qoq_jax.model import attention_qkv, mlp_gate_up
+
     model = nnx.merge(runner.graphdef, runner.params)
+    cfg = model.config
     layers_def, stacked = nnx.split(model.layers)
 
     @jax.jit
@@ -66,9 +69,10 @@ def _matmuls(runner, rows: int):
         def body(h, layer_state):
             layer = nnx.merge(layers_def, layer_state)
             a, m = layer.self_attn, layer.mlp
-            q, k, v = (p(h) for p in (a.q_proj, a.k_proj, a.v_proj))
-            o = a.o_proj(q + (k.sum() + v.sum()) * 0)  # k and v are kept, not used
-            down = m.down_proj(m.gate_proj(h) * m.up_proj(h))
+            q, k, v = attention_qkv(a, cfg, h)  # the runner's (fused) projections
+            o = a.o_proj(q.reshape(h.shape[0], -1) + (k.sum() + v.sum()) * 0)  # k, v kept
+            gate, up = mlp_gate_up(m, h)
+            down = m.down_proj(gate * up)
             return h + (o + down) * 1e-6, None
         h, _ = jax.lax.scan(body, x, stacked)
         return model.logits(h)
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
 
     bw = bandwidth()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(full.params))
-    floor_ms = weight_bytes / (bw["read_gb_s"] * 1e9) * 1e3
+    floor_ms = weight_bytes / (bw["numpy_copy_gb_s"] * 1e9) * 1e3
     rows_out = []
     for rows in args.rows:
         mm = _matmuls(full, rows)
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
                "rest": ms["no_attention"] - ms["matmuls"]}
         rows_out.append(row)
     print(f"# {args.variant}, position {args.position}; weights {weight_bytes / 1e6:.0f} MB, "
-          f"read bandwidth {bw['read_gb_s']:.1f} GB/s -> floor {floor_ms:.1f} ms per step")
+          f"copy bandwidth {bw['numpy_copy_gb_s']:.1f} GB/s -> floor {floor_ms:.1f} ms per step")
     print("| rows | step ms | matmuls ms | attention ms | rest ms | step / floor |")
     print("|---|---|---|---|---|---|")
     for r in rows_out:
