@@ -26,6 +26,12 @@ LLAMA3_8B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_s
                  max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
                  bos_token_id=128000, eos_token_id=128001)
 
+# A tiny Llama for the benchmarks' --smoke runs on a CPU (the same code paths, toy sizes).
+TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512,
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+            tie_word_embeddings=False, eos_token_id=1)
+
 
 def random_model(hf: dict, *, dtype=jnp.bfloat16, w4a8_format: str | None = None,
                  seed: int = 0, max_context: int | None = None) -> Transformer:

@@ -10,6 +10,9 @@ w4a8_pc_us / w4a8_g128_us are the Triton kernel's, mosaic_pc_us / mosaic_g128_us
 kernel's.
 
     PYTHONPATH=. python benchmarks/gemm.py [--quick] [--no-mosaic] [--mgpu-sweep]
+    .venv/bin/python benchmarks/gemm.py --smoke      # CPU: one small shape, interpret mode
+
+--quick: the first two shapes at M = 1, 64, 256, 1024 (one M per target of summary.py).
     PYTHONPATH=. python benchmarks/gemm.py --cpu-scan [--layers 30] [--repeats 10]
 
 --mgpu-sweep times alternative Mosaic configs (g128, first shape only, candidates deduplicated
@@ -25,6 +28,7 @@ for the default model's shapes (SmolLM2-135M) at M = 2, 16, 512; best of --repea
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -44,26 +48,33 @@ from pallas_kernels.w4a8_matmul.mosaic_gpu import (MGPU_GEMM_CONFIGS,  # noqa: E
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 MS = [1, 16, 64, 256, 1024, 4096]
+QUICK_MS = [1, 64, 256, 1024]  # one M per target of benchmarks/summary.py
 # The default model's projections (SmolLM2-135M, N x K): gate/up, down, q/o, k/v.
 CPU_SHAPES = [(1536, 576), (576, 1536), (576, 576), (192, 576)]
 CPU_MS = [2, 16, 512]
 
 
-def random_w4(n, k, group, seed):
-    """Random codes and scales in the real format (quantizing a random matrix is slow on host)."""
-    rng = np.random.default_rng(seed)
-    q = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    packed = packing.pack_uint4(q)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _random_w4(n, k, group, key):
+    kq, ks, kz, k2 = jax.random.split(key, 4)
+    # random packed bytes are exactly the packing of random 4-bit codes (two per byte)
+    packed = jax.random.bits(kq, (n, k // 2), jnp.uint8)
     if group is None:
-        return packing.W4PerChannel(jnp.asarray(packed),
-                                    jnp.asarray(rng.uniform(1e-3, 2e-3, n).astype(np.float16)),
-                                    jnp.asarray(rng.uniform(0, 2e-2, n).astype(np.float16)))
-    s2 = rng.integers(1, 17, (k // group, n)).astype(np.int8)
-    z = rng.integers(0, 16, (k // group, n))
-    z = np.minimum(z, 127 // s2.astype(np.int64))  # keep the int8 level in range
-    return packing.W4Group(jnp.asarray(packed),
-                           jnp.asarray(rng.uniform(1e-4, 2e-4, n).astype(np.float16)),
-                           jnp.asarray(s2), jnp.asarray((z * s2).astype(np.uint8)), group)
+        return packing.W4PerChannel(
+            packed, jax.random.uniform(ks, (n,), jnp.float32, 1e-3, 2e-3).astype(jnp.float16),
+            jax.random.uniform(kz, (n,), jnp.float32, 0, 2e-2).astype(jnp.float16))
+    s2 = jax.random.randint(k2, (k // group, n), 1, 17, jnp.int32)
+    z = jnp.minimum(jax.random.randint(kz, (k // group, n), 0, 16, jnp.int32),
+                    127 // s2)  # keep the int8 level in range
+    return packing.W4Group(
+        packed, jax.random.uniform(ks, (n,), jnp.float32, 1e-4, 2e-4).astype(jnp.float16),
+        s2.astype(jnp.int8), (z * s2).astype(jnp.uint8), group)
+
+
+def random_w4(n, k, group, seed):
+    """Random codes and scales in the real format, made on the device (quantizing a random
+    matrix, or drawing it on the host, is slow for the dozens of copies the rotation needs)."""
+    return _random_w4(n, k, group, jax.random.key(seed))
 
 
 def best_of(calls: dict, repeats: int) -> dict:
@@ -154,11 +165,11 @@ def main(argv=None):
         save("gemm_cpu_scan", {**header(), "rows": cpu_scan(args.layers, args.repeats)})
         return
     shapes = SHAPES[:2] if args.quick else SHAPES
-    ms = [1, 16, 64, 256, 1024] if args.quick else MS
-    iters = 10 if args.quick else 30
+    ms = QUICK_MS if args.quick else MS
+    iters, warmup = (10 if args.quick else 30), 3
     interpret = False
-    if args.smoke:
-        shapes, ms, iters, interpret = [(256, 512)], [1, 16], 2, True
+    if args.smoke:  # every M the summary's targets read, on one small shape
+        shapes, ms, iters, warmup, interpret = [(256, 512)], QUICK_MS, 1, 1, True
     triton = dict(backend="triton", interpret=interpret)
     mosaic = dict(backend="mosaic", interpret=interpret)
     auto = dict(backend="triton", interpret=True) if interpret else dict(backend="auto")
@@ -200,14 +211,15 @@ def main(argv=None):
         for m in ms:
             x = jax.random.normal(jax.random.fold_in(key, 7), (m, k), jnp.bfloat16)
             act = quantize_per_token(x, with_sum=True, **quant)
-            t_bf = time_fn(bf16_dot, [(x, w) for w in wb], iters)
-            t_i8 = time_fn(i8_dot, [(act.values, w) for w in w8], iters)
-            t_pc = time_fn(gemm_t, [(act, w) for w in wpc], iters)
-            t_g = time_fn(gemm_t, [(act, w) for w in wg], iters)
+            t_bf = time_fn(bf16_dot, [(x, w) for w in wb], iters, warmup)
+            t_i8 = time_fn(i8_dot, [(act.values, w) for w in w8], iters, warmup)
+            t_pc = time_fn(gemm_t, [(act, w) for w in wpc], iters, warmup)
+            t_g = time_fn(gemm_t, [(act, w) for w in wg], iters, warmup)
             nan = float("nan")
-            t_mpc = time_fn(gemm_m, [(act, w) for w in wpc], iters) if with_mosaic else nan
-            t_mg = time_fn(gemm_m, [(act, w) for w in wg], iters) if with_mosaic else nan
-            t_gq = time_fn(gemm_q, [(x, w, False) for w in wg], iters)
+            t_mpc = (time_fn(gemm_m, [(act, w) for w in wpc], iters, warmup)
+                     if with_mosaic else nan)
+            t_mg = time_fn(gemm_m, [(act, w) for w in wg], iters, warmup) if with_mosaic else nan
+            t_gq = time_fn(gemm_q, [(x, w, False) for w in wg], iters, warmup)
             best = min(t_g, t_mg) if with_mosaic else t_g
             gbps = (n * k / 2) / best / 1e9
             row = dict(n=n, k=k, m=m, bf16_us=t_bf * 1e6, w8a8_us=t_i8 * 1e6,
@@ -218,7 +230,9 @@ def main(argv=None):
             print(f"| {n}x{k} | {m} | {t_bf * 1e6:.1f} | {t_i8 * 1e6:.1f} | {t_pc * 1e6:.1f} | "
                   f"{t_g * 1e6:.1f} | {t_mpc * 1e6:.1f} | {t_mg * 1e6:.1f} | {t_gq * 1e6:.1f} | "
                   f"{t_bf / t_g:.2f}x | {t_bf / t_mg:.2f}x | {gbps:.0f} |", flush=True)
-            if args.mgpu_sweep and with_mosaic and (n, k) == shapes[0]:
+            # interpret mode (--smoke) is slow per call: the sweep's code path at one M
+            if (args.mgpu_sweep and with_mosaic and (n, k) == shapes[0]
+                    and (not interpret or m == ms[0])):
                 times = []
                 cands = sweep_configs() if not interpret else [MGPU_GEMM_CONFIGS[0][1]]
                 fitted = {}
@@ -227,7 +241,8 @@ def main(argv=None):
                 for cfg in fitted:
                     try:
                         t = time_fn(lambda a, w, c=cfg: gemm_cfg(a, w, c),
-                                    [(act, w) for w in wg], max(3, iters // 3))
+                                    [(act, w) for w in wg],
+                                    iters if interpret else max(3, iters // 3), warmup)
                     except Exception as e:  # noqa: BLE001 - e.g. shared memory exceeded
                         print(f"  sweep {cfg}: {type(e).__name__}: {str(e)[:120]}")
                         continue

@@ -11,7 +11,9 @@ of the last prompt, prefill time per prompt token, and the process's peak RSS.
 
 Variants: fp32 (float weights, 16-bit cache; bf16 on a GPU) and w4a8kv4 (W4A8 weights by RTN:
 the runtime path is the same as QoQ's, without the conversion time). --llama3-8b uses random
-weights of Llama-3-8B's shapes (for a GPU).
+weights of Llama-3-8B's shapes (for a GPU). --smoke (CPU, checks the script): a tiny random
+Llama (benchmarks/_models.py:TINY) and every length divided by 64. The warm-up's prompts are
+prefixes of the timed ones, so the prefix cache is emptied before the timed run.
 """
 
 from __future__ import annotations
@@ -36,25 +38,32 @@ def _text_tokens(tokenizer, n: int) -> list[int]:
     return [int(t) for t in ids[:n]]
 
 
-def _engine_and_tokens(variant: str, n: int, llama3_8b: bool):
+SMOKE_DIVISOR = 64
+
+
+def _engine_and_tokens(variant: str, n: int, llama3_8b: bool, smoke: bool = False):
     """(engine, n real-text token ids) of the default model, or a Llama-3-8B-shaped random
-    model (random token ids) with --llama3-8b."""
+    model (random token ids) with --llama3-8b, or a tiny random one with --smoke."""
     import qoq_jax
 
-    if llama3_8b:
+    if llama3_8b or smoke:
+        import jax.numpy as jnp
         import numpy as np
 
         sys.path.insert(0, str(REPO / "benchmarks"))
-        from _models import LLAMA3_8B, random_model
+        from _models import LLAMA3_8B, TINY, random_model
 
         from qoq_jax.engine import Engine
 
-        model = random_model(LLAMA3_8B, w4a8_format="g128" if variant == "w4a8kv4" else None,
-                             max_context=65536)
+        hf, context = (TINY, 1024) if smoke else (LLAMA3_8B, 65536)
+        model = random_model(hf, w4a8_format="g128" if variant == "w4a8kv4" else None,
+                             max_context=context,
+                             dtype=jnp.float32 if smoke else jnp.bfloat16)
+        kw = dict(prefill_chunk=64) if smoke else {}
         engine = Engine(model, kv_cache="kv4" if variant == "w4a8kv4" else "16bit",
-                        max_slots=8)
+                        max_slots=8, **kw)
         rng = np.random.default_rng(0)
-        return engine, [int(t) for t in rng.integers(0, LLAMA3_8B["vocab_size"], n)]
+        return engine, [int(t) for t in rng.integers(0, hf["vocab_size"], n)]
     quantize = None
     if variant == "w4a8kv4":
         from qoq_jax.quant.config import QuantConfig
@@ -64,17 +73,18 @@ def _engine_and_tokens(variant: str, n: int, llama3_8b: bool):
     return llm.engine, _text_tokens(llm.tokenizer, n)
 
 
-def child(variant: str, length: int, batch: int, llama3_8b: bool) -> dict:
+def child(variant: str, length: int, batch: int, llama3_8b: bool, smoke: bool = False) -> dict:
     import qoq_jax
     from qoq_jax.engine import COMPILES
 
-    engine, base = _engine_and_tokens(variant, length + batch, llama3_8b)
+    engine, base = _engine_and_tokens(variant, length + batch, llama3_8b, smoke)
     chunk = engine.prefill_chunk
     prompts = [base[i:i + length] for i in range(batch)]  # distinct prompts
     params = qoq_jax.SamplingParams(max_new_tokens=8, stop_token_ids=())
     # warm-up: the full-chunk and last-chunk programs, at this batch and alone
     engine.generate([base[:chunk + (length % chunk or chunk)]], params)
     engine.generate([p[:chunk] for p in prompts], params)
+    engine.clear_prefix_cache()  # those were prefixes of the timed prompts
     compiles = COMPILES.count
     t0 = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -84,7 +94,8 @@ def child(variant: str, length: int, batch: int, llama3_8b: bool) -> dict:
     return {"variant": variant, "length": length, "batch": batch, "ttft_s": ttft,
             "prefill_s_per_token": ttft / (length * batch), "total_s": total,
             "new_tokens": sum(len(r.tokens) for r in out), "peak_rss_gb": peak / 2**30,
-            "compiles_during_run": COMPILES.count - compiles, "kv_cache": engine.kv_cache,
+            "compiles_during_run": COMPILES.count - compiles,
+            "cached_tokens": sum(r.cached_tokens for r in out), "kv_cache": engine.kv_cache,
             "kv_cache_gb": engine.kv_bytes / 2**30, "prefill_chunk": chunk}
 
 
@@ -95,26 +106,32 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--variants", nargs="+", default=["fp32", "w4a8kv4"],
                     choices=["fp32", "w4a8kv4"])
-    ap.add_argument("--llama3-8b", action="store_true")
+    ap.add_argument("--llama3-8b", action="store_true",
+                    help="random weights of Llama-3-8B's shapes (for a GPU)")
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"CPU: a tiny random model, lengths divided by {SMOKE_DIVISOR}")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "LENGTH", "BATCH"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         v, n, b = args.child
-        print(json.dumps(child(v, int(n), int(b), args.llama3_8b)), flush=True)
+        print(json.dumps(child(v, int(n), int(b), args.llama3_8b, args.smoke)), flush=True)
         return 0
-    rows = []
+    if args.smoke:
+        args.lengths = [max(16, n // SMOKE_DIVISOR) for n in args.lengths]
+    rows, failed = [], 0
     print("| variant | prompt | batch | TTFT s | prefill ms/token | peak RSS GB | KV cache GB |")
     print("|---|---|---|---|---|---|---|")
     for v in args.variants:
         for b in args.batches:
             for n in args.lengths:
                 cmd = [sys.executable, __file__, "--child", v, str(n), str(b)]
-                if args.llama3_8b:
-                    cmd.append("--llama3-8b")
+                cmd += ["--llama3-8b"] * args.llama3_8b + ["--smoke"] * args.smoke
                 r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if r.returncode != 0:
-                    print(f"| {v} | {n} | {b} | failed: {r.stderr.strip().splitlines()[-1]} |")
+                    last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    print(f"| {v} | {n} | {b} | failed: {last} |")
+                    failed += 1
                     continue
                 row = json.loads(r.stdout.strip().splitlines()[-1])
                 rows.append(row)
@@ -124,7 +141,7 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT")
     if out:
         Path(out, "long_context.json").write_text(json.dumps(rows, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ time per output token (median and p99), per server, in one run.
     .venv/bin/python benchmarks/serve.py                                  # ours (fp32) vs transformers
     .venv/bin/python benchmarks/serve.py --variant w4a8kv4 --no-transformers
     .venv/bin/python benchmarks/serve.py --url http://127.0.0.1:8000/v1   # a server already running
+    .venv/bin/python benchmarks/serve.py --shared-prefix 1500 --concurrency 16 --requests 16 \
+        --max-tokens 32 --no-transformers                                 # prefix caching on/off
+
+--shared-prefix N: every request is the same N-token system prompt (real text: "Botchan") and
+a short question of its own; our server is started with prefix caching and with
+--no-prefix-caching, and each meets this load and the same questions each with a short system
+prompt of its own (no KV page shared), so the table shows what caching gains and that it
+costs nothing without sharing.
 
 transformers serve runs in the test oracle's interpreter (.venv-ref, `make ref-venv`), with
 --continuous-batching, on the same model files (the default model's HF directory), float32, CPU.
@@ -83,13 +91,54 @@ def start_transformers(model_dir: str, port: int, ref_python: str) -> subprocess
                             stderr=subprocess.PIPE, text=True)
 
 
-async def _one(client, model, prompt, max_tokens, ignore_eos):
+QUESTIONS = ["Who is the narrator?", "Where does the story take place?", "What is the tone?",
+             "Summarize the first paragraph.", "Name one character.", "What happens next?",
+             "Is the narrator honest?", "What does the father think?", "Describe the house.",
+             "Why is he punished?", "What is a samurai?", "Who is Kiyo?", "What year is it?",
+             "What is the main conflict?", "Give the story a title.", "What would you change?"]
+
+
+def shared_system_prompt(tokenizer, num_tokens: int) -> str:
+    """The first `num_tokens` tokens of real text (Botchan, public domain) as a string."""
+    from qoq_jax import assets
+
+    ids = tokenizer.encode(assets.botchan_path().read_text(encoding="utf-8"),
+                           add_special_tokens=False)[:num_tokens]
+    if len(ids) < num_tokens:
+        raise ValueError(f"the text has only {len(ids)} tokens")
+    return tokenizer.decode(ids)
+
+
+def make_prompts(n: int, offset: int = 0, system=None) -> list[list[dict]]:
+    """n chat conversations. Without `system`: story requests on distinct topics; with it (a
+    string, or a function of the request's index): that system prompt and a short question
+    each (distinct for n <= 16 per offset)."""
+    out = []
+    for i in range(offset, offset + n):
+        if system is None:
+            out.append([{"role": "user",
+                         "content": f"Write a long story about {TOPICS[i % len(TOPICS)]}."}])
+        else:
+            q = QUESTIONS[i % len(QUESTIONS)]
+            text = system(i) if callable(system) else system
+            out.append([{"role": "system", "content": text},
+                        {"role": "user", "content": f"Question {i}: {q}"}])
+    return out
+
+
+def distinct_system(i: int) -> str:
+    """A system prompt of its own per request, different from its first words on: no full KV
+    page is shared (without one, the chat template's default system prompt would be)."""
+    return f"{i} is your number. You answer questions."
+
+
+async def _one(client, model, messages, max_tokens, ignore_eos):
     t0 = time.perf_counter()
     first = last = None
     pieces = []
     extra = {"ignore_eos": True} if ignore_eos else {}
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        model=model, messages=messages, max_tokens=max_tokens,
         temperature=0, stream=True, extra_body=extra)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -101,12 +150,13 @@ async def _one(client, model, prompt, max_tokens, ignore_eos):
 
 
 async def drive(base_url: str, *, concurrency: int, requests: int, max_tokens: int,
-                rate: float | None, ignore_eos: bool, seed: int = 0) -> tuple[list, float]:
+                rate: float | None, ignore_eos: bool, seed: int = 0, offset: int = 0,
+                system: str | None = None) -> tuple[list, float]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
     model = (await client.models.list()).data[0].id
-    prompts = [f"Write a long story about {TOPICS[i % len(TOPICS)]}." for i in range(requests)]
+    prompts = make_prompts(requests, offset, system)
     results = []
     t0 = time.perf_counter()
     if rate is None:
@@ -156,22 +206,28 @@ def start_vllm(model_dir: str, port: int) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def run_against(name, url, proc, args, tokenizer, ignore_eos):
-    """Every concurrency level of args.concurrency against one server (started once)."""
+def run_against(name, url, proc, args, tokenizer, ignore_eos, loads=((None, None),)):
+    """Every concurrency level of args.concurrency, under each (label, system prompt) of
+    `loads`, against one server (started once)."""
     rows = []
     try:
         if proc is not None:
             _wait_healthy(url.removesuffix("/v1"), proc)
-        for c in args.concurrency:
-            n = args.requests or max(8, 2 * c)
-            # warm-up: compiles (ours) and first-call costs, with the load's own shapes
-            asyncio.run(drive(url, concurrency=c, requests=c, max_tokens=args.max_tokens,
-                              rate=None, ignore_eos=ignore_eos))
-            results, wall = asyncio.run(drive(url, concurrency=c, requests=n,
-                                              max_tokens=args.max_tokens, rate=args.rate,
-                                              ignore_eos=ignore_eos))
-            rows.append({**summarize(name, results, wall, tokenizer), "concurrency": c})
-            print(_row(rows[-1]), flush=True)
+        for label, system in loads:
+            for c in args.concurrency:
+                n = args.requests or max(8, 2 * c)
+                # warm-up: compiles (ours) and first-call costs, with the load's own shapes;
+                # its questions differ from the measured ones (a cache must not see them)
+                asyncio.run(drive(url, concurrency=c, requests=c, max_tokens=args.max_tokens,
+                                  rate=None, ignore_eos=ignore_eos, offset=1000, system=system))
+                results, wall = asyncio.run(drive(url, concurrency=c, requests=n,
+                                                  max_tokens=args.max_tokens, rate=args.rate,
+                                                  ignore_eos=ignore_eos, system=system))
+                row = {**summarize(name, results, wall, tokenizer), "concurrency": c}
+                if label is not None:
+                    row["load"] = label
+                rows.append(row)
+                print(_row(rows[-1]), flush=True)
         return rows
     finally:
         if proc is not None:
@@ -183,7 +239,8 @@ def run_against(name, url, proc, args, tokenizer, ignore_eos):
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['server']} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | "
+    server = r["server"] + (f" ({r['load']})" if "load" in r else "")
+    return (f"| {server} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | "
             f"{r['ttft_median_s']:.2f} | {r['ttft_p99_s']:.2f} | {r['tpot_median_s'] * 1e3:.1f} | "
             f"{r['tpot_p99_s'] * 1e3:.1f} |")
 
@@ -205,6 +262,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers serve")
     ap.add_argument("--vllm", action="store_true",
                     help="also vLLM's CPU build (../shared/tools/vllm_cpu.sh install first)")
+    ap.add_argument("--shared-prefix", type=int, metavar="N",
+                    help="requests share an N-token system prompt: our server with and without "
+                         "prefix caching, each under this load and the same questions alone")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra argument for our server (repeatable)")
     ap.add_argument("--out-dir", default="out", help="JSON and PNG go here (default ./out; "
@@ -220,6 +280,8 @@ def main(argv=None) -> int:
     print("| server | streams | output tok/s | TTFT median s | TTFT p99 s | TPOT median ms | "
           "TPOT p99 ms |\n|---|---|---|---|---|---|---|", flush=True)
     rows = []
+    if args.shared_prefix:
+        return shared_prefix_main(args, tokenizer)
     if args.url:
         rows += run_against("given", args.url, None, args, tokenizer, ignore_eos=False)
     else:
@@ -257,6 +319,47 @@ def main(argv=None) -> int:
                                                series("ttft_median_s"))])
     print(f"wrote {out / 'serve.json'} and {png}")
     print(json.dumps(rows))
+    return 0
+
+
+def shared_prefix_main(args, tokenizer) -> int:
+    """--shared-prefix: prefix caching on and off, each under the shared-prompt load and the
+    same questions without it; a table of ratios, serve_prefix.json and serve_prefix.png."""
+    system = shared_system_prompt(tokenizer, args.shared_prefix)
+    loads = ((f"shared {args.shared_prefix}-token prefix", system),
+             ("no shared prefix", distinct_system))
+    rows = []
+    for variant in args.variant:
+        for caching in (True, False):
+            port = _free_port()
+            extra = args.server_arg + ([] if caching else ["--no-prefix-caching"])
+            name = f"qoq-jax {variant} caching {'on' if caching else 'off'}"
+            rows += run_against(name, f"http://127.0.0.1:{port}/v1",
+                                start_ours(args.model, variant, port, extra), args, tokenizer,
+                                ignore_eos=True, loads=loads)
+    print("\n| variant | load | streams | TTFT on/off | output tok/s on/off |\n|---|---|---|---|---|")
+    for variant in args.variant:
+        for label, _ in loads:
+            for c in args.concurrency:
+                on, off = (next(r for r in rows if r["server"] == f"qoq-jax {variant} caching "
+                                f"{state}" and r["load"] == label and r["concurrency"] == c)
+                           for state in ("on", "off"))
+                print(f"| {variant} | {label} | {c} | "
+                      f"{on['ttft_median_s'] / off['ttft_median_s']:.3f} | "
+                      f"{on['output_tokens_per_s'] / off['output_tokens_per_s']:.2f} |")
+    out = Path(os.environ.get("OUT") or args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_prefix.json").write_text(json.dumps(rows, indent=1))
+    from _plot import plot_bars
+
+    groups = [f"{r['server'].removeprefix('qoq-jax ')}\n{r['load']}" for r in rows]
+    png = plot_bars(out / "serve_prefix.png",
+                    f"{args.requests or max(8, 2 * args.concurrency[0])} chat requests, "
+                    f"{args.max_tokens} tokens each, {args.concurrency[0]} streams",
+                    groups, [("output tokens/s", [r["output_tokens_per_s"] for r in rows]),
+                             ("median time to first token (s)",
+                              [r["ttft_median_s"] for r in rows])])
+    print(f"wrote {out / 'serve_prefix.json'} and {png}")
     return 0
 
 

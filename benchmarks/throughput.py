@@ -4,7 +4,13 @@ QServe's benchmark (qserve_spec.md section 4.1): prompts of 1024 tokens, 512 gen
 each (stop tokens ignored), throughput = generated tokens / wall time, prefill included. Here on
 a Llama-3-8B-shaped model with random weights (benchmarks/_models.py), W4A8 (g128 weights, KV4
 cache) against the same engine in bf16 with a 16-bit cache, over batch sizes; then the time of
-one decode step at batch 1, 16, 64 and 256 (context 1024).
+one decode step at batch 1, 16, 64 and 256 (context 1024), on the engine of the largest batch.
+Each engine is warmed up (its programs compiled) by the same workload on other prompts and its
+prefix cache emptied before the timed run, so nothing of the timed prompts is cached
+("cached_tokens" in the JSON says so; "compiles_in_run" counts compilations inside it).
+--quick (batch 16, 64, 256; gpu_check.sh passes --batches 256) skips that warm-up, a second
+run of the whole workload: the timed run compiles its programs and its figure leaves their
+compile time out ("warmed_up": false); decode-step latency only for W4A8KV4 at batch 1.
 
     PYTHONPATH=. python benchmarks/throughput.py                 # on a GPU
     PYTHONPATH=. python benchmarks/throughput.py --quick         # fewer batch sizes
@@ -27,20 +33,17 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _models import LLAMA3_8B, random_model  # noqa: E402
+from _models import LLAMA3_8B, TINY, random_model  # noqa: E402
 from _timing import header  # noqa: E402
 
 from qoq_jax.engine import Engine  # noqa: E402
 from qoq_jax.sampling import SamplingParams  # noqa: E402
 from qoq_jax.scheduler import Status  # noqa: E402
 
-TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512,
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, eos_token_id=1)
-
 
 def _engine(hf, variant, batch, prompt, gen, dtype, smoke, tensor_parallel=1):
+    # a model per engine: the engine keeps its own runtime copy of the weights, and two copies
+    # of an 8B bf16 model beside a batch-256 pool would not fit an 80 GB card
     model = random_model(hf, dtype=dtype, w4a8_format="g128" if variant == "w4a8kv4" else None,
                          max_context=prompt + gen)
     tokens_each = prompt + gen
@@ -54,20 +57,38 @@ def _engine(hf, variant, batch, prompt, gen, dtype, smoke, tensor_parallel=1):
                   prefill_budget=512 if smoke else 4096, decode_steps=4 if smoke else 16)
 
 
-def throughput(engine, batch, prompt, gen, vocab, seed=0):
+def throughput(engine, batch, prompt, gen, vocab, seed=0, warm_up=True):
+    """Generated tokens per second over one run of `batch` prompts. Without warm_up (--quick)
+    the run compiles its programs itself and the figure leaves their compile time out
+    (Engine.last_stats' tokens_per_s_excluding_compile; each compile may also hide up to one
+    in-flight iteration of device work, a few percent at most)."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(2, vocab, prompt).tolist() for _ in range(batch)]
     params = SamplingParams(max_new_tokens=gen, stop_token_ids=())
-    engine.generate(prompts[:2], SamplingParams(max_new_tokens=2 * engine.decode_steps,
-                                                stop_token_ids=()))  # compile
-    engine.generate(prompts, SamplingParams(max_new_tokens=2, stop_token_ids=()))
+    if warm_up:
+        _warm_up(engine, batch, prompt, params, vocab, seed)
     t = time.perf_counter()
     out = engine.generate(prompts, params)
     wall = time.perf_counter() - t
     n = sum(len(r.tokens) for r in out)
-    return {"batch": batch, "generated": n, "wall_s": wall, "tokens_per_s": n / wall,
-            "last_first_token_s": engine.last_stats["first_token_s"],
-            "compiles_in_run": engine.last_stats["compiles"]}
+    st = engine.last_stats
+    return {"batch": batch, "generated": n, "wall_s": wall,
+            "tokens_per_s": n / wall if warm_up else st["tokens_per_s_excluding_compile"],
+            "tokens_per_s_with_compiles": n / wall, "warmed_up": warm_up,
+            "last_first_token_s": st["first_token_s"], "compiles_in_run": st["compiles"],
+            "compile_s_in_run": st["compile_s"],
+            "cached_tokens": sum(r.cached_tokens for r in out)}
+
+
+def _warm_up(engine, batch, prompt, params, vocab, seed):
+    # warm-up: the same workload on other prompts. The schedule depends on the lengths alone
+    # (no stop tokens), so it compiles exactly the programs the timed run needs (a shorter
+    # warm-up misses some: e.g. the decode dispatch of every row at once); other prompts and
+    # an emptied prefix cache, so that the timed run computes every prompt token.
+    rng_warm = np.random.default_rng(seed + 1000)
+    warm = [rng_warm.integers(2, vocab, prompt).tolist() for _ in range(batch)]
+    engine.generate(warm, params)
+    engine.clear_prefix_cache()
 
 
 def step_latency(engine, batch, context, vocab, steps=4):
@@ -108,27 +129,45 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         hf, prompt, gen, batches, lat_batches, dtype = TINY, 64, 32, [2, 4], [1, 2], "float32"
+        if args.quick:
+            lat_batches = [1]
     else:
         hf, prompt, gen, dtype = LLAMA3_8B, 1024, 512, "bfloat16"
         batches = [16, 64, 256] if args.quick else [16, 64, 128, 256]
-        lat_batches = [1, 16, 64, 256]
-    batches = args.batches or batches
+        lat_batches = [1] if args.quick else [1, 16, 64, 256]
+    batches = sorted(args.batches or batches)
+    lat_variants = ("w4a8kv4",) if args.quick else ("w4a8kv4", "bf16")
     import jax.numpy as jnp
 
     dtype = jnp.dtype(dtype)
     rows, lat = [], []
     for variant in ("w4a8kv4", "bf16"):
+        engine = None
         for b in batches:
-            engine = _engine(hf, variant, b, prompt, gen, dtype, args.smoke,
-                             args.tensor_parallel)
-            r = {"variant": variant, **throughput(engine, b, prompt, gen, hf["vocab_size"])}
-            rows.append(r)
-            print(f"{variant} batch {b}: {r['tokens_per_s']:.0f} tokens/s "
-                  f"({r['generated']} tokens in {r['wall_s']:.1f} s)", flush=True)
             del engine
             gc.collect()
-        engine = _engine(hf, variant, max(lat_batches), prompt, gen, dtype, args.smoke,
-                         args.tensor_parallel)
+            engine = _engine(hf, variant, b, prompt, gen, dtype, args.smoke,
+                             args.tensor_parallel)
+            r = {"variant": variant, **throughput(engine, b, prompt, gen, hf["vocab_size"],
+                                                  warm_up=not args.quick)}
+            rows.append(r)
+            if (r["compiles_in_run"] and r["warmed_up"]) or r["cached_tokens"]:
+                print(f"WARNING: the timed run compiled {r['compiles_in_run']} programs and "
+                      f"found {r['cached_tokens']} prompt tokens cached: its figure is off")
+            print(f"{variant} batch {b}: {r['tokens_per_s']:.0f} tokens/s "
+                  f"({r['generated']} tokens in {r['wall_s']:.1f} s; "
+                  f"{r['compiles_in_run']} compiles, {r['cached_tokens']} cached prompt "
+                  f"tokens in the timed run)", flush=True)
+        if variant not in lat_variants:
+            del engine
+            gc.collect()
+            continue
+        if engine.max_slots < max(lat_batches):  # else: the compiled engine of the last batch
+            del engine
+            gc.collect()
+            engine = _engine(hf, variant, max(lat_batches), prompt, gen, dtype, args.smoke,
+                             args.tensor_parallel)
+        engine.clear_prefix_cache()
         for b in lat_batches:
             ms = step_latency(engine, b, prompt, hf["vocab_size"])
             lat.append({"variant": variant, "batch": b, "ms_per_step": ms,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +29,41 @@ class Completion:
     finish_reason: str  # "stop" (a stop token or string), "length", "abort" or "error"
     logprobs: list[dict] | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the engine's prefix cache (not computed)
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot render the messages (or there is none). `reason`: what a
+    client may read (the template's own message, say), or None; the message itself may name
+    the model's path."""
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+
+# private-use characters around the control tokens found in the messages' strings
+_MARK_START, _MARK_END = "\ue000", "\ue001"
+
+
+def _control_token_re(tokenizer) -> re.Pattern | None:
+    """A regex of the tokenizer's special tokens (longest first), or None if it has none."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values()
+                       if t.special and t.content}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _mark_controls(obj, controls: re.Pattern):
+    """Wrap every control token in the strings of messages (nested lists and dicts; not the
+    keys) in the markers, after dropping any markers already there."""
+    if isinstance(obj, str):
+        obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+        return controls.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", obj)
+    if isinstance(obj, dict):
+        return {k: _mark_controls(v, controls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mark_controls(v, controls) for v in obj]
+    return obj
 
 
 class LLM:
@@ -40,26 +76,107 @@ class LLM:
         self.source = source
         self.engine = Engine(model, **engine_kwargs)
 
-    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+    def encode(self, prompt: str, *, chat: bool = False, split_special_tokens: bool = False,
+               add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's BOS, if it adds one, unless
+        add_special_tokens is False); `chat`: as the one user message of a conversation
+        (encode_chat).
+
+        split_special_tokens: encode the text of special tokens (``"<|im_start|>"``, ``"</s>"``)
+        as ordinary text, so that text cannot forge control tokens. The default parses them, as
+        transformers does: LLM.generate and LLM.stream use it (the caller's own text is
+        trusted). The server passes True for what its clients send, unless told otherwise
+        (``--allow-special-tokens``, or ``allow_special_tokens`` in a request)."""
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
         if chat:
-            return self.encode_chat([{"role": "user", "content": prompt}])
-        return [int(i) for i in self.tokenizer.encode(prompt, add_special_tokens=True)]
+            return self.encode_chat([{"role": "user", "content": prompt}],
+                                    split_special_tokens=split_special_tokens)
+        if split_special_tokens:
+            return self._encode_as_text(prompt, add_special_tokens=add_special_tokens)
+        return [int(i) for i in self.tokenizer.encode(prompt,
+                                                      add_special_tokens=add_special_tokens)]
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of a conversation in the model's chat template, ready for the reply."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer of {self.source} has no chat template")
+    def encode_chat(self, messages: Sequence[dict], *,
+                    split_special_tokens: bool = False) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the reply.
+
+        split_special_tokens: special tokens that appear in the messages' strings are encoded
+        as text; only those the template writes itself are control tokens (each such string
+        is wrapped in private-use markers before rendering, and the rendered text is encoded
+        piece by piece). Without such text in the messages, the ids are the same either way.
+        ValueError (ChatTemplateError) if there is no template or it fails."""
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ChatTemplateError(f"the tokenizer of {self.source} has no chat template",
+                                    reason="this model has no chat template")
+        messages = list(messages)
+        if split_special_tokens:
+            controls = _control_token_re(tok)
+            if controls is not None:
+                messages = _mark_controls(messages, controls)
         try:
-            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                     tokenize=True)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - jinja errors of a broken template
-            raise ValueError(f"the chat template of {self.source} failed: "
-                             f"{type(e).__name__}: {e}") from None
-        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
+            # the template's own message (raise_exception) is the client's to read; anything
+            # else stays in the detail, which names the source
+            import jinja2
+
+            reason = str(e) if isinstance(e, jinja2.TemplateError) else None
+            raise ChatTemplateError(f"the chat template of {self.source} failed: "
+                                    f"{type(e).__name__}: {e}", reason=reason) from None
+        if not split_special_tokens or (_MARK_START not in text and _MARK_END not in text):
+            return [int(i) for i in tok.encode(text, add_special_tokens=False)]
+        return self._encode_marked(text)
+
+    def _plain_text_tokenizer(self):
+        """A copy of the fast tokenizer's backend that encodes special tokens as text
+        (encode_special_tokens), or None for a slow tokenizer. A copy: transformers sets the
+        flag on the shared backend per call, which races with other threads using it."""
+        t = getattr(self, "_plain_backend", False)
+        if t is False:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            t = None
+            if backend is not None:
+                import copy
+
+                t = copy.deepcopy(backend)
+                t.encode_special_tokens = True
+            self._plain_backend = t
+        return t
+
+    def _encode_as_text(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        backend = self._plain_text_tokenizer()
+        if backend is None:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens,
+                                        split_special_tokens=True)
+        else:
+            ids = backend.encode(text, add_special_tokens=add_special_tokens).ids
         return [int(i) for i in ids]
+
+    def _encode_marked(self, text: str) -> list[int]:
+        """Encode a chat rendered from marked messages: the template's own text (and control
+        tokens) as usual, each marked control token as text. Each piece after the first is
+        encoded after a newline that is then removed, so that a SentencePiece tokenizer adds
+        no prefix space inside the text; a lone marker (a template that split a marked
+        string) is dropped but still separates the text on either side."""
+        tok = self.tokenizer
+        pattern = _control_token_re(tok)
+        markers = re.compile(f"{_MARK_START}({pattern.pattern}){_MARK_END}"
+                             f"|[{_MARK_START}{_MARK_END}]")
+        pieces = markers.split(text)  # text, token or None, text, token or None, ...
+        newline = [int(i) for i in tok.encode("\n", add_special_tokens=False)]
+        ids = [int(i) for i in tok.encode(pieces[0], add_special_tokens=False)]
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            if i % 2:  # a marked control token: text
+                encode = lambda s: self._encode_as_text(s, add_special_tokens=False)  # noqa: E731
+            else:
+                encode = lambda s: [int(t) for t in tok.encode(s, add_special_tokens=False)]  # noqa: E731
+            got = encode("\n" + piece)
+            ids += got[len(newline):] if got[:len(newline)] == newline else encode(piece)
+        return ids
 
     def generate(self, prompts: str | Sequence[str], *, chat: bool = False,
                  stop: Sequence[str] = (),
@@ -90,7 +207,7 @@ class LLM:
         for prompt, s in zip(prompts, sessions):
             s.close()
             out.append(Completion(prompt, s.text.text, list(s.token_ids), s.finish_reason,
-                                  s.logprobs, s.error))
+                                  s.logprobs, s.error, s.cached_tokens))
         return out
 
     def stream(self, prompt: str, *, chat: bool = False, stop: Sequence[str] = (),

@@ -20,6 +20,7 @@ steps) -> read back the previous dispatch -> events, finishes, freed pages.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import queue
@@ -33,12 +34,14 @@ import numpy as np
 from qoq_jax import sharding
 from qoq_jax.errors import (ContextLengthError, EngineBusyError, EngineMemoryError, PromptError,
                             QueueFullError)
-from qoq_jax.kv_cache import KV_CACHE_KINDS, SCRATCH_PAGE, PageAllocator
+from qoq_jax.kv_cache import KV_CACHE_KINDS
+from qoq_jax.pages import SCRATCH_PAGE, PageAllocator
 from qoq_jax.model import Transformer
 from qoq_jax.runner import (COMPILES, DecodeOutput, DeviceRunner, Finish, StepOutput, fetch,
                             stack_params)
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.scheduler import NeedsDrain, Plan, Scheduler, Sequence as Seq, Status
+from qoq_jax.speculative import NgramProposer, SpeculativeStats
 
 __all__ = ["COMPILES", "ContextLengthError", "Engine", "EngineBusyError", "EngineConfig",
            "EngineMemoryError", "GenerationResult", "PromptError", "QueueFullError",
@@ -57,6 +60,7 @@ class GenerationResult:
     logprobs: list[dict] | None = None  # per token: {"token", "logprob", "top": [(id, lp)...]}
     error: str | None = None
     preemptions: int = 0  # times the request was preempted (and recomputed)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed again)
 
 
 @dataclasses.dataclass
@@ -69,6 +73,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache provided (known from the first token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +91,22 @@ class EngineConfig:
     decode_steps: int | None = None  # decode steps per dispatch; CPU 8, GPU 16 (at most 16)
     max_logprobs: int = 5  # the most alternatives a request may ask for
     max_stop_ids: int = 8  # stop token ids per request
+    max_logit_bias: int = 300  # logit_bias entries per request
     max_queue: int | None = None  # waiting requests before submit() refuses (None: no limit)
     kernels: str | None = None  # "pallas" | "xla"; None: Pallas on a GPU, XLA elsewhere
+    prefix_caching: bool = True  # share the K/V pages of identical prompt prefixes
+    # speculative decoding (qoq_jax/speculative.py): "ngram" proposes up to
+    # num_speculative_tokens tokens per decoding sequence from the longest earlier occurrence
+    # (ngram_max down to ngram_min tokens) of its last tokens in its prompt and output; the
+    # output is the same as without (greedy and seeded sampling alike), only faster or not
+    speculative: str | None = None
+    num_speculative_tokens: int = 7  # 1 + 7 tokens: a lone verification row fills the 8 bucket
+    ngram_max: int = 4
+    ngram_min: int = 2
+    # propose only while at most this many sequences decode (0: any number). None: CPU 2 (a
+    # compute-bound CPU gains only where a step's fixed cost dominates: benchmarks/speculative.py
+    # measures a loss at 4 and 16), GPU no limit
+    speculative_max_batch: int | None = None
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHE_KINDS:
@@ -96,7 +115,7 @@ class EngineConfig:
         if isinstance(ps, bool) or not isinstance(ps, int) or ps < 1 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two >= 1, got {ps!r}")
         for name in ("max_slots", "num_pages", "kv_memory", "prefill_chunk", "prefill_budget",
-                     "decode_steps", "max_queue"):
+                     "decode_steps", "max_queue", "max_logit_bias"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -107,6 +126,24 @@ class EngineConfig:
                              f"{self.decode_steps}")
         if self.kernels not in (None, "pallas", "xla"):
             raise ValueError(f"kernels must be 'pallas', 'xla' or None, not {self.kernels!r}")
+        from qoq_jax.speculative import SPECULATIVE_KINDS
+
+        if self.speculative not in (None, *SPECULATIVE_KINDS):
+            raise ValueError(f"speculative must be one of {SPECULATIVE_KINDS} or None, not "
+                             f"{self.speculative!r}")
+        smb = self.speculative_max_batch
+        if smb is not None and (isinstance(smb, bool) or not isinstance(smb, int) or smb < 0):
+            raise ValueError(f"speculative_max_batch must be an integer >= 0, got {smb!r}")
+        for name in ("num_speculative_tokens", "ngram_max", "ngram_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.num_speculative_tokens > DeviceRunner.max_spec_tokens:
+            raise ValueError(f"num_speculative_tokens must be <= "
+                             f"{DeviceRunner.max_spec_tokens}, got {self.num_speculative_tokens}")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must be <= ngram_max "
+                             f"({self.ngram_max})")
 
 
 def available_memory() -> int:
@@ -142,6 +179,7 @@ class _Dispatched:
 
     output: StepOutput | DecodeOutput
     rows: list[tuple[int, Seq, int]]  # (output row, sequence, its incarnation)
+    proposals: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # by output row
 
 
 class Engine:
@@ -179,6 +217,7 @@ class Engine:
         self.decode_steps = pick(cfg.decode_steps, 8, 16)
         self.max_logprobs = cfg.max_logprobs
         self.max_stop_ids = cfg.max_stop_ids
+        self.max_logit_bias = cfg.max_logit_bias
         self.max_queue = cfg.max_queue
         self.max_pages_per_seq = -(-m.max_position_embeddings // self.page_size)
         page_bytes = DeviceRunner.bytes_per_page(m, self.kv_cache, self.page_size, self.dtype,
@@ -199,28 +238,44 @@ class Engine:
                 f"{self.kv_bytes / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is free; "
                 f"about {fits} pages ({fits * self.page_size} tokens) would fit: lower "
                 f"num_pages / kv_memory")
+        self.speculative = cfg.speculative
+        self.spec_k = cfg.num_speculative_tokens if cfg.speculative else 0
+        self.speculative_max_batch = pick(cfg.speculative_max_batch, 2, 0)
         self.runner = DeviceRunner(
             model, kv_cache=self.kv_cache, num_pages=num_pages, page_size=self.page_size,
             slots=self.max_slots, max_pages_per_seq=self.max_pages_per_seq,
             max_batch_tokens=self.prefill_budget, max_logprobs=self.max_logprobs,
-            max_stop_ids=self.max_stop_ids, mesh=self.mesh, kernels=cfg.kernels)
-        self.allocator = PageAllocator(num_pages, self.page_size)
+            max_stop_ids=self.max_stop_ids, max_logit_bias=self.max_logit_bias, mesh=self.mesh,
+            kernels=cfg.kernels, spec_k=self.spec_k)
+        self.prefix_caching = cfg.prefix_caching
+        self.allocator = PageAllocator(num_pages, self.page_size, caching=self.prefix_caching)
         self.scheduler = self._new_scheduler()
         self._table = np.zeros((self.runner.slots, self.max_pages_per_seq), np.int32)
         self._retire = np.zeros((self.runner.slots,), bool)
         self._requests: dict[int, _Request] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending: collections.deque[_Dispatched] = collections.deque()
+        self._score_jobs: list[tuple[list[int], int, concurrent.futures.Future]] = []
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._stepping = threading.Lock()
         self.stats = collections.Counter()
         self.last_stats: dict[str, float] = {}
+        self._spec_stats = SpeculativeStats(max(1, self.spec_k))
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.allocator, max_slots=self.max_slots,
                          max_batch_tokens=self.prefill_budget, prefill_chunk=self.prefill_chunk,
-                         decode_steps=self.decode_steps, buckets=self.runner.buckets)
+                         decode_steps=self.decode_steps, buckets=self.runner.buckets,
+                         cache_salt=f"{self.kv_cache}/{self.page_size}".encode(),
+                         proposer=self._proposer(),
+                         speculative_max_batch=self.speculative_max_batch)
+
+    def _proposer(self):
+        cfg = self.engine_config
+        if cfg.speculative is None:
+            return None
+        return NgramProposer(cfg.num_speculative_tokens, cfg.ngram_max, cfg.ngram_min)
 
     @property
     def params(self):
@@ -261,8 +316,18 @@ class Engine:
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise PromptError(f"logprobs={params.logprobs} exceeds the engine's limit of "
                               f"{self.max_logprobs}")
-        if len(self._stop_ids(params)) > self.max_stop_ids:
+        stop_ids = self._stop_ids(params)
+        if len(stop_ids) > self.max_stop_ids:
             raise PromptError(f"at most {self.max_stop_ids} stop token ids per request")
+        if len(params.logit_bias) > self.max_logit_bias:
+            raise PromptError(f"logit_bias has {len(params.logit_bias)} entries; the engine's "
+                              f"limit is {self.max_logit_bias}")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("stop_token_ids", stop_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise PromptError(f"{name} has token ids outside the vocabulary [0, {vocab}): "
+                                  f"{bad[:5]}")
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
         return self.model_config.eos_token_ids if sp.stop_token_ids is None else sp.stop_token_ids
@@ -285,6 +350,30 @@ class Engine:
         self._requests[rid] = req
         self._inbox.put(("add", req))
         return rid
+
+    def submit_prompt_logprobs(self, prompt: Sequence[int], n_top: int = 0
+                               ) -> concurrent.futures.Future:
+        """Queue the teacher-forced log-probabilities of a prompt's tokens (and the n_top most
+        likely at each; eval.scoring.PromptLogprobs) for the thread that steps the engine, which
+        runs them between iterations (thread-safe). Returns a Future of PromptLogprobs."""
+        self.check_request(prompt, SamplingParams(max_new_tokens=1))
+        if not 0 <= n_top <= self.max_logprobs:
+            raise PromptError(f"prompt log-probabilities: n_top must be in [0, "
+                              f"{self.max_logprobs}], got {n_top}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("score", [int(t) for t in prompt], n_top, future))
+        return future
+
+    def prompt_logprobs(self, prompt: Sequence[int], n_top: int = 0):
+        """submit_prompt_logprobs, then step until it is done (or wait, if another thread
+        steps the engine)."""
+        future = self.submit_prompt_logprobs(prompt, n_top)
+        while not future.done():
+            try:
+                self.step()
+            except EngineBusyError:
+                break
+        return future.result()
 
     def cancel(self, request_id: int, reason: str = "abort") -> None:
         """End a request early (thread-safe); its slot and pages are freed at the next step."""
@@ -313,6 +402,8 @@ class Engine:
                 if req.seq.status == Status.WAITING:
                     self.scheduler.add(req.seq)
                 self.stats["requests"] += 1
+            elif msg[0] == "score":
+                self._score_jobs.append(msg[1:])
             else:
                 req = self._requests.get(msg[1])
                 if req is not None and req.seq.status != Status.FINISHED:
@@ -331,8 +422,28 @@ class Engine:
         finally:
             self._stepping.release()
 
+    def _run_score_jobs(self) -> None:
+        from qoq_jax.eval.scoring import prompt_logprobs
+
+        jobs, self._score_jobs = self._score_jobs, []
+        for ids, n_top, future in jobs:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(prompt_logprobs(self, ids, n_top))
+                self.stats["scored_prompts"] += 1
+            except Exception as e:  # noqa: BLE001 - the caller's to handle
+                future.set_exception(e)
+
     def _step(self) -> None:
         self._intake()
+        if self._score_jobs:
+            self._run_score_jobs()
+        limit = self.speculative_max_batch
+        if self.spec_k and (not limit or self.scheduler.num_decoding <= limit):
+            # proposals follow each sequence's last token: read everything back first (the
+            # cost of speculation: no host/device overlap; see docs/ARCHITECTURE.md)
+            self._drain()
         if not self.scheduler.has_work:
             self._drain()
             return
@@ -343,6 +454,7 @@ class Engine:
             self._drain()
             plan = self.scheduler.schedule(inflight=False)
         self.stats["preemptions"] += len(plan.preempted)
+        self.stats["cached_prompt_tokens"] += plan.cached_tokens
         self._retire[plan.freed_slots] = True
         if not plan.empty:
             self._sync_table()
@@ -386,11 +498,27 @@ class Engine:
     def _dispatch_ragged(self, plan: Plan) -> None:
         t = self.runner.buckets.step_tokens(plan.num_tokens)
         x = self.runner.empty_inputs(t)
-        rows, fresh, pos = [], [], 0
-        for i, seq in enumerate(plan.decode):  # decode rows first, one token each
-            x.slot[i], x.start[i], x.length[i], x.decode[i] = seq.slot, pos, 1, True
-            x.token_seq[pos] = i
-            pos += 1
+        rows, fresh, pos, n_logits, proposals = [], [], 0, 0, {}
+
+        def logit(row, at, col=0):  # speculative steps: logits at these flat tokens only
+            nonlocal n_logits
+            if self.spec_k:
+                x.logit_token[n_logits], x.logit_row[n_logits] = at, row
+                x.logit_col[n_logits] = col
+                n_logits += 1
+
+        for i, seq in enumerate(plan.decode):  # decode rows first: one token (+ proposals)
+            prop = plan.proposals.get(seq.seq_id, [])
+            n = 1 + len(prop)
+            x.slot[i], x.start[i], x.length[i], x.decode[i] = seq.slot, pos, n, True
+            x.token_seq[pos:pos + n] = i
+            if prop:
+                x.num_proposed[i] = len(prop)
+                x.tokens[pos + 1:pos + n] = prop
+                proposals[i] = prop
+            for j in range(n):
+                logit(i, pos + j, j)
+            pos += n
             rows.append((i, seq, seq.incarnation))
         for i, chunk in enumerate(plan.chunks, start=len(plan.decode)):
             seq = chunk.seq
@@ -400,25 +528,41 @@ class Engine:
             pos += chunk.length
             self.stats["prompt_tokens"] += chunk.length
             if chunk.final:
+                logit(i, pos - 1)
                 x.sample[i] = True
                 x.generated0[i] = seq.generated0
+                if seq.params.penalized:
+                    self._set_history(seq)
                 fresh.append((i, self._row_params(seq.params)))
                 rows.append((i, seq, seq.incarnation))
         if fresh:
-            new = stack_params([p for _, p in fresh], self.max_stop_ids)
+            new = stack_params([p for _, p in fresh], self.max_stop_ids, self.max_logit_bias)
             at = [i for i, _ in fresh]
-            for name in ("max_new", "temperature", "top_k", "top_p", "seed", "logprobs",
-                         "stop_ids"):
-                getattr(x.params, name)[at] = getattr(new, name)
+            for field in dataclasses.fields(new):
+                getattr(x.params, field.name)[at] = getattr(new, field.name)
         x = dataclasses.replace(x, retire=self._take_retired())
         out = self.runner.step(x)
         self.stats["ragged_steps"] += 1
-        self._pending.append(_Dispatched(out, rows))
+        self._pending.append(_Dispatched(out, rows, proposals))
 
     def _row_params(self, sp: SamplingParams) -> dict:
         return {"max_new": sp.max_new_tokens, "temperature": sp.temperature, "top_k": sp.top_k,
                 "top_p": sp.top_p, "seed": sp.seed, "logprobs": sp.logprobs is not None,
-                "stop_ids": list(self._stop_ids(sp))}
+                "stop_ids": list(self._stop_ids(sp)), "min_p": sp.min_p,
+                "min_tokens": sp.min_tokens, "penalized": sp.penalized,
+                "repetition": sp.repetition_penalty, "presence": sp.presence_penalty,
+                "frequency": sp.frequency_penalty,
+                "bias_ids": [t for t, _ in sp.logit_bias],
+                "bias_values": [b for _, b in sp.logit_bias]}
+
+    def _set_history(self, seq: Seq) -> None:
+        """A penalised sequence's history into its slot: its prompt's tokens, and the counts of
+        the tokens it made before a preemption (all read back: preemption drains)."""
+        vocab = self.model_config.vocab_size
+        mask = np.zeros((vocab,), bool)
+        mask[np.asarray(seq.prompt, np.int64)] = True
+        counts = np.bincount(np.asarray(seq.output, np.int64), minlength=vocab).astype(np.int32)
+        self.runner.set_history(seq.slot, mask, counts)
 
     # ------------------------------------------------------------------------------------------
     # results
@@ -426,7 +570,7 @@ class Engine:
     def _process(self, dispatched: _Dispatched) -> None:
         out = fetch(dispatched.output)
         now = time.perf_counter()
-        ragged = isinstance(out, StepOutput)
+        ragged = isinstance(out, StepOutput) and out.token.ndim == 1
         for row, seq, incarnation in dispatched.rows:
             if seq.status == Status.FINISHED or seq.incarnation != incarnation:
                 continue  # ended (or was preempted) after this was dispatched
@@ -446,8 +590,17 @@ class Engine:
                 for j, t in zip(cols, new_tokens):
                     top = [(int(i), float(v)) for i, v in zip(at(ids, j)[:n], at(lps, j)[:n])]
                     new_lps.append({"token": t, "logprob": float(at(lp, j)), "top": top})
+            prop = dispatched.proposals.get(row)
+            if prop is not None:  # a verification row: how many proposals it kept
+                accepted = 0
+                while accepted < min(len(prop), len(new_tokens)) and (
+                        new_tokens[accepted] == prop[accepted]):
+                    accepted += 1
+                self._spec_stats.record(len(prop), accepted)
             if new_tokens:
                 self.scheduler.on_tokens(seq, new_tokens)
+                if prop is not None:
+                    self.scheduler.on_verified(seq, len(new_tokens) - 1)
                 self.stats["generated_tokens"] += len(new_tokens)
                 if req.first_token_at is None:
                     req.first_token_at = now
@@ -460,7 +613,8 @@ class Engine:
                 self._end(req, FINISH_REASONS[code], new_tokens, new_lps)
             elif new_tokens and req.callback is not None:
                 req.callback(TokenEvent(seq.seq_id, new_tokens,
-                                        new_lps if req.logprobs is not None else None))
+                                        new_lps if req.logprobs is not None else None,
+                                        cached_tokens=seq.cached_tokens))
 
     def _end(self, req: _Request, reason: str, tokens=(), lps=()) -> None:
         seq = req.seq
@@ -471,7 +625,8 @@ class Engine:
         if req.callback is not None:
             req.callback(TokenEvent(seq.seq_id, list(tokens),
                                     list(lps) if req.logprobs is not None else None,
-                                    finished=True, finish_reason=reason, error=req.error))
+                                    finished=True, finish_reason=reason, error=req.error,
+                                    cached_tokens=seq.cached_tokens))
         with self._lock:
             if req.release_on_finish:
                 self._requests.pop(seq.seq_id, None)
@@ -485,7 +640,7 @@ class Engine:
         if seq.status != Status.FINISHED:
             raise RuntimeError(f"request {request_id} has not finished")
         return GenerationResult(list(seq.prompt), list(seq.output), seq.finish_reason,
-                                req.logprobs, req.error, seq.num_preemptions)
+                                req.logprobs, req.error, seq.num_preemptions, seq.cached_tokens)
 
     def first_token_time(self, request_id: int) -> float | None:
         """perf_counter() time of the request's first token (None before it)."""
@@ -512,8 +667,12 @@ class Engine:
             if req.seq.status != Status.FINISHED:
                 req.error = message
                 self._end(req, "error")
+        jobs, self._score_jobs = self._score_jobs, []
+        for _, _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(message))
         self._pending.clear()
-        self.allocator = PageAllocator(self.num_pages, self.page_size)
+        self.allocator = PageAllocator(self.num_pages, self.page_size, caching=self.prefix_caching)
         self.scheduler = self._new_scheduler()
         self.runner.reset()
         self._retire[:] = False
@@ -586,6 +745,27 @@ class Engine:
                 self.cancel(rid)
                 self._intake()
             self.release(rid)
+
+    @property
+    def speculative_stats(self) -> dict:
+        """Speculative decoding since the engine started: verification rows, tokens proposed
+        and accepted (the target sampled the proposed token there), the acceptance rate, and
+        all three by position (0: the first proposed token). Zeros without speculation."""
+        return {"kind": self.speculative, "num_speculative_tokens": self.spec_k,
+                **self._spec_stats.as_dict()}
+
+    @property
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Prompt tokens computed and found in the prefix cache since the engine started, the
+        hit rate (found / all), and the pages cached now."""
+        computed, cached = self.stats["prompt_tokens"], self.stats["cached_prompt_tokens"]
+        return {"prompt_tokens": computed, "cached_tokens": cached,
+                "hit_rate": cached / max(1, computed + cached),
+                "cached_pages": self.allocator.num_cached}
+
+    def clear_prefix_cache(self) -> int:
+        """Forget the cached pages no running request holds; returns how many were freed."""
+        return self.allocator.clear_cache()
 
     def warmup(self) -> int:
         """Compile every program a workload can need (every ragged-step and decode bucket), so

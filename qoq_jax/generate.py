@@ -22,6 +22,7 @@ from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_kv_cache_ar
                          add_parallel_args, add_weight_format_args, bounded_float, bounded_int,
                          init_parallel, page_size_arg, positive_int, read_prompts_file, run_cli,
                          seed_arg, utf8_arg)
+from qoq_jax.speculative import add_speculative_args, engine_kwargs as speculative_kwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=bounded_float(0.0, 1.0, low_open=True), default=1.0,
                    help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=bounded_float(0.0, 1.0), default=0.0,
+                   help="drop tokens below MIN_P x the most likely token's probability "
+                        "(sampling; 0 = off)")
+    p.add_argument("--repetition-penalty", type=bounded_float(0.0, 100.0, low_open=True),
+                   default=1.0, help="divide positive (multiply negative) logits of tokens "
+                                     "already in the prompt or output (1 = off)")
+    p.add_argument("--presence-penalty", type=bounded_float(-2.0, 2.0), default=0.0,
+                   help="subtract from the logit of every token already generated (0 = off)")
+    p.add_argument("--frequency-penalty", type=bounded_float(-2.0, 2.0), default=0.0,
+                   help="subtract this x the times a token was generated (0 = off)")
+    p.add_argument("--min-tokens", type=bounded_int(0, None), default=0,
+                   help="no end-of-sequence token before this many tokens (default 0)")
     p.add_argument("--seed", type=seed_arg, default=0,
                    help="sampling seed in [0, 2^32) (prompt i uses seed + i)")
     p.add_argument("--stop", action="append", default=[], type=utf8_arg,
@@ -62,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_args(p)
     p.add_argument("--page-size", type=page_size_arg, default=16,
                    help="KV-cache page size in tokens (a power of two; default 16)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full, even where prompts share a prefix "
+                        "(by default identical leading KV pages are computed once and shared)")
+    add_speculative_args(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: prompt, text, token_ids, "
                         "finish_reason")
@@ -87,8 +104,13 @@ def _run(args) -> int:
 
     sampling = qoq_jax.SamplingParams(max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, seed=args.seed)
-    engine = {"page_size": args.page_size}
+                                      top_p=args.top_p, seed=args.seed, min_p=args.min_p,
+                                      repetition_penalty=args.repetition_penalty,
+                                      presence_penalty=args.presence_penalty,
+                                      frequency_penalty=args.frequency_penalty,
+                                      min_tokens=min(args.min_tokens, args.max_new_tokens))
+    engine = {"page_size": args.page_size, "prefix_caching": args.prefix_caching,
+              **speculative_kwargs(args)}
     if args.kv_cache:
         engine["kv_cache"] = args.kv_cache
     if args.max_slots:
@@ -133,10 +155,23 @@ def _run(args) -> int:
     elapsed = time.perf_counter() - t0
     compile_s = COMPILES.seconds - compile_s0
     steady = max(elapsed - compile_s, 1e-9)
+    cached = llm.engine.prefix_cache_stats["cached_tokens"]
     print(f"[{llm.source}, {llm.engine.kv_cache} KV cache: {n_tokens} tokens in {elapsed:.2f} s; "
           f"compilation {compile_s:.2f} s ({COMPILES.count - compiles0} programs), then "
-          f"{n_tokens / steady:.1f} tokens/s]", file=sys.stderr)
+          f"{n_tokens / steady:.1f} tokens/s; {cached} prompt tokens from the prefix cache"
+          f"{'' if llm.engine.prefix_caching else ' (off)'}{_speculation(llm.engine)}]",
+          file=sys.stderr)
     return 1 if failed else 0
+
+
+def _speculation(engine) -> str:
+    if not engine.speculative:
+        return ""
+    st = engine.speculative_stats
+    rates = "/".join(f"{r:.2f}" for r in st["acceptance_rate_per_position"])
+    return (f"; speculative {engine.speculative} (k={engine.spec_k}): {st['accepted']} of "
+            f"{st['proposed']} proposed tokens accepted ({st['acceptance_rate']:.2f}; by "
+            f"position {rates})")
 
 
 def main(argv=None) -> int:

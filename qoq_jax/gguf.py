@@ -22,14 +22,22 @@ from qoq_jax import fsutil
 from qoq_jax.config import ModelConfig, UnsupportedModelError
 from qoq_jax.hf import check_finite, save_safetensors
 
-# GGUF architecture -> HF architecture; only these are read.
-_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# GGUF architecture -> HF architecture; only these are read. (phi3 GGUFs keep LongRoPE's
+# factors as tensors and fuse q/k/v: not read yet.)
+_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+          "qwen3moe": "Qwen3MoeForCausalLM"}
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # Qwen3's per-head norms
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    # mixture of experts: the router, and the experts stacked [E, ...] (qoq_jax's own layout,
+    # hf.canonical_weights)
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
@@ -90,7 +98,8 @@ def read_gguf(path: str | os.PathLike, progress: bool = True):
         "num_hidden_layers": int(_field(reader, f"{a}.block_count")),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
-        "head_dim": int(_field(reader, f"{a}.rope.dimension_count", hidden // n_heads)),
+        "head_dim": int(_field(reader, f"{a}.attention.key_length",
+                               _field(reader, f"{a}.rope.dimension_count", hidden // n_heads))),
         "hidden_act": "silu",
         "rms_norm_eps": float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
@@ -100,6 +109,13 @@ def read_gguf(path: str | os.PathLike, progress: bool = True):
         "eos_token_id": eos,
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
     }
+    if arch == "qwen3moe":
+        hf_config.update({
+            "num_experts": int(_field(reader, f"{a}.expert_count")),
+            "num_experts_per_tok": int(_field(reader, f"{a}.expert_used_count")),
+            "moe_intermediate_size": int(_field(reader, f"{a}.expert_feed_forward_length")),
+            # llama.cpp always renormalises qwen3moe's top-k weights
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
     config = ModelConfig.from_hf_dict(hf_config)  # rejects what the engine cannot run, early
 
     weights: dict[str, np.ndarray] = {}

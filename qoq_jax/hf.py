@@ -116,6 +116,93 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
         return len(self._where)
 
 
+class _DerivedWeights(Mapping[str, np.ndarray]):
+    """A lazy view of `base` in which some names are computed from other tensors: derived
+    name -> (function, source names); the sources are hidden. Reading a derived tensor reads
+    its sources then (one at a time, as the base mapping does)."""
+
+    def __init__(self, base: Mapping[str, np.ndarray], derived: dict[str, tuple]):
+        self.base, self.derived = base, derived
+        hidden = {src for _, srcs in derived.values() for src in srcs}
+        self._names = [n for n in base if n not in hidden] + list(derived)
+        self._known = set(self._names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.derived:
+            fn, srcs = self.derived[name]
+            return fn(*(self.base[src] for src in srcs))
+        if name not in self._known:
+            raise KeyError(name)
+        return self.base[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _rows(start: int, stop: int):
+    return lambda w: w[start:stop]
+
+
+def canonical_weights(cfg, weights: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """`weights` (HF names) with the tensors named as qoq_jax's modules name them.
+
+    Phi-3 checkpoints fuse q/k/v into self_attn.qkv_proj and gate/up into mlp.gate_up_proj
+    (gate first); they are split here, lazily, into q/k/v_proj and gate/up_proj, so that the
+    model, the quantizer and the tensor-parallel rules see one layout for every family (the
+    runner fuses them again for speed: model.fuse_projections). Mixture-of-experts checkpoints
+    keep one tensor per expert (Qwen3-MoE: mlp.experts.{e}.gate_proj/up_proj/down_proj,
+    Mixtral: block_sparse_moe.experts.{e}.w1/w3/w2, its router block_sparse_moe.gate); here
+    they become the stacked mlp.experts.gate_proj.weight [E, F, D] (up_proj alike, down_proj
+    [E, D, F]) and mlp.gate.weight [E, D] that the model holds. A mapping already in these
+    names is returned as it is, so calling this twice is harmless."""
+    derived: dict[str, tuple] = {}
+    if getattr(cfg, "num_experts", 0):
+        _stack_experts(cfg, weights, derived)
+    hd = cfg.head_dim
+    nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    f = cfg.intermediate_size
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            qkv = f"{p}self_attn.qkv_proj.{kind}"
+            if qkv in weights:
+                for name, (a, b) in (("q_proj", (0, nq)), ("k_proj", (nq, nq + nkv)),
+                                     ("v_proj", (nq + nkv, nq + 2 * nkv))):
+                    derived[f"{p}self_attn.{name}.{kind}"] = (_rows(a, b), (qkv,))
+            gate_up = f"{p}mlp.gate_up_proj.{kind}"
+            if gate_up in weights:
+                derived[f"{p}mlp.gate_proj.{kind}"] = (_rows(0, f), (gate_up,))
+                derived[f"{p}mlp.up_proj.{kind}"] = (_rows(f, 2 * f), (gate_up,))
+    return _DerivedWeights(weights, derived) if derived else weights
+
+
+def _stack(*ws):
+    return np.stack(ws)
+
+
+def _stack_experts(cfg, weights: Mapping[str, np.ndarray], derived: dict[str, tuple]) -> None:
+    e = cfg.num_experts
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        if f"{p}block_sparse_moe.gate.weight" in weights:  # Mixtral
+            derived[f"{p}mlp.gate.weight"] = (lambda w: w, (f"{p}block_sparse_moe.gate.weight",))
+            names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+            src = f"{p}block_sparse_moe.experts.{{}}.{{}}.weight"
+        else:  # Qwen3-MoE
+            names = {n: n for n in ("gate_proj", "up_proj", "down_proj")}
+            src = f"{p}mlp.experts.{{}}.{{}}.weight"
+        for ours, theirs in names.items():
+            parts = tuple(src.format(x, theirs) for x in range(e))
+            if parts[0] in weights:
+                derived[f"{p}mlp.experts.{ours}.weight"] = (_stack, parts)
+
+
 def save_safetensors(weights: Mapping[str, np.ndarray], model_dir: str | os.PathLike) -> None:
     """Write one model.safetensors (used by the GGUF converter and the tests)."""
     from safetensors.numpy import save_file

@@ -1,4 +1,5 @@
-"""The paged KV cache: device-side page pools (16-bit or KV4) and the host-side page allocator.
+"""The paged KV cache: device-side page pools (16-bit or KV4). The host side (which sequence
+holds which pages, the prefix cache) is qoq_jax/pages.py.
 
 Every layer's K and V live in one pool each (formats in pallas_kernels: ``[L, num_pages, Hkv,
 page_size, D]`` for 16 bits, packed UINT4 codes plus fp16 scale and zero for KV4), so the jitted
@@ -24,13 +25,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.kv4 import RANGE_RATIOS, kv4_write
 from pallas_kernels.paged_attention import RaggedLayout, ragged_paged_attention
 from qoq_jax.layers import apply_rope
+from qoq_jax.pages import SCRATCH_PAGE, OutOfPagesError, PageAllocator  # noqa: F401 (re-exported)
 
-SCRATCH_PAGE = 0
 KV_CACHE_KINDS = ("16bit", "kv4", "kv4-minmax")
 KERNEL_BACKENDS = ("pallas", "xla")
 
@@ -178,67 +178,3 @@ def slot_indices(page_table: jax.Array, token_seq: jax.Array, positions: jax.Arr
     page = page_table[jnp.maximum(token_seq, 0), col]
     page = jnp.where(token_seq >= 0, page, SCRATCH_PAGE)
     return page.astype(jnp.int32), (positions % page_size).astype(jnp.int32)
-
-
-class OutOfPagesError(RuntimeError):
-    """The KV cache has no free page left for a request."""
-
-
-class PageAllocator:
-    """Free-list allocator of cache pages (host side). Page 0 is never handed out."""
-
-    def __init__(self, num_pages: int, page_size: int):
-        if num_pages < 2:
-            raise ValueError("a paged KV cache needs at least 2 pages (page 0 is scratch)")
-        self.num_pages, self.page_size = num_pages, page_size
-        self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low pages first
-        self._owned: dict[int, list[int]] = {}
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_pages - 1 - len(self._free)
-
-    @property
-    def owners(self):
-        """The sequence ids that own pages (a live view)."""
-        return self._owned.keys()
-
-    def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
-
-    def pages(self, seq_id: int) -> list[int]:
-        return list(self._owned.get(seq_id, ()))
-
-    def ensure(self, seq_id: int, num_tokens: int) -> list[int]:
-        """Make `seq_id` own enough pages for `num_tokens` tokens; returns its page list."""
-        owned = self._owned.setdefault(seq_id, [])
-        need = self.pages_for(num_tokens) - len(owned)
-        if need > len(self._free):
-            if not owned:
-                del self._owned[seq_id]
-            raise OutOfPagesError(
-                f"sequence {seq_id} needs {need} more KV-cache pages of {self.page_size} tokens, "
-                f"but only {len(self._free)} of {self.num_pages - 1} are free")
-        for _ in range(max(need, 0)):
-            owned.append(self._free.pop())
-        return list(owned)
-
-    def free(self, seq_id: int) -> None:
-        pages = self._owned.pop(seq_id, None)
-        if pages is None:
-            raise KeyError(f"sequence {seq_id} owns no pages")
-        self._free.extend(reversed(pages))
-
-    def page_table(self, seq_ids: list[int], max_pages: int) -> np.ndarray:
-        """int32 [len(seq_ids), max_pages]; unused entries point at the scratch page."""
-        table = np.full((len(seq_ids), max_pages), SCRATCH_PAGE, np.int32)
-        for row, sid in enumerate(seq_ids):
-            pages = self._owned.get(sid, [])
-            if len(pages) > max_pages:
-                raise ValueError(f"sequence {sid} owns {len(pages)} pages > max_pages {max_pages}")
-            table[row, :len(pages)] = pages
-        return table

@@ -230,6 +230,18 @@ def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array,
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def model_rope(cfg, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [..., head_dim // 2] of a model (config.ModelConfig) at integer positions, its
+    rope scaling applied (LongRoPE's table and cos/sin factor: config.rope_tables)."""
+    from qoq_jax.config import rope_tables
+
+    inv_freq, factor = rope_tables(cfg)
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    if factor != 1.0:  # as transformers scales them (in float32)
+        cos, sin = cos * jnp.float32(factor), sin * jnp.float32(factor)
+    return cos, sin
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate-half RoPE. x [..., T, H, D]; cos/sin [..., T, D/2] broadcast over heads."""
     half = x.shape[-1] // 2

@@ -34,7 +34,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
 def load_source(source: str | None, *, progress: bool = True):
     """(ModelConfig, lazy weights, tokenizer, description) of an HF dir, a GGUF, or the default."""
     from qoq_jax.config import ModelConfig
-    from qoq_jax.hf import SafetensorsCheckpoint, load_tokenizer
+    from qoq_jax.hf import SafetensorsCheckpoint, canonical_weights, load_tokenizer
 
     if source is None:
         from qoq_jax.assets import default_model_dir
@@ -53,4 +53,7 @@ def load_source(source: str | None, *, progress: bool = True):
         return cfg, weights, tokenizer, str(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no Hugging Face checkpoint directory or .gguf file at {path}")
-    return ModelConfig.from_json(path), SafetensorsCheckpoint(path), load_tokenizer(path), str(path)
+    cfg = ModelConfig.from_json(path)
+    # the weights as the modules name them (Phi-3's fused projections split, lazily)
+    weights = canonical_weights(cfg, SafetensorsCheckpoint(path))
+    return cfg, weights, load_tokenizer(path), str(path)

@@ -1,4 +1,5 @@
-"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax NNX.
+"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3; Mixtral and
+Qwen3-MoE with the mixture-of-experts layers of qoq_jax.moe) in Flax NNX.
 
 The modules hold the weights, named after Hugging Face's so that loading is a mechanical
 mapping; the decoder layers are created once with a leading layer axis (``nnx.vmap``) and run
@@ -30,14 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qoq_jax.config import ModelConfig, rope_inv_freq
-from qoq_jax.hf import CheckpointError
+from qoq_jax.config import ModelConfig
+from qoq_jax.hf import CheckpointError, canonical_weights
 from pallas_kernels.paged_attention import ragged_layout
 from qoq_jax.kv_cache import slot_indices
 from qoq_jax.quant.hadamard import rotation_matrix
 from pallas_kernels.quantize import QuantizedActivation, quantize_sharded_rows
 from qoq_jax.layers import (Embedding, LinearFactory, QuantParam, RMSNorm, W4A8Linear,
-                            apply_rope, make_linear, norm_input, rope_cos_sin, swiglu_input)
+                            apply_rope, make_linear, norm_input, model_rope, swiglu_input)
+from qoq_jax.moe import MoE
 
 
 class Attention(nnx.Module):
@@ -47,6 +49,9 @@ class Attention(nnx.Module):
         self.k_proj = make_linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
         self.v_proj = make_linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, dtype=dtype, factory=linear)
         self.o_proj = make_linear(cfg.num_heads * hd, d, bias=cfg.o_bias, dtype=dtype, factory=linear)
+        if cfg.qk_norm:  # Qwen3: one [head_dim] weight each, shared by the heads
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, dtype=dtype)
         if cfg.key_scale:  # SmoothAttention in the rotated basis (ModelConfig.key_scale)
             self.key_scale = nnx.Param(jnp.ones((cfg.num_kv_heads, hd), jnp.float32))
 
@@ -65,8 +70,9 @@ class MLP(nnx.Module):
 
 def first_projection(module: nnx.Module) -> nnx.Module:
     """The projection that reads a block's normalised input (q_proj or qkv_proj; gate_proj or
-    gate_up_proj): its kind decides whether the norm is fused with INT8 quantization."""
-    for name in ("qkv_proj", "q_proj", "gate_up_proj", "gate_proj"):
+    gate_up_proj; an MoE's router): its kind decides whether the norm is fused with INT8
+    quantization."""
+    for name in ("qkv_proj", "q_proj", "gate_up_proj", "gate_proj", "gate"):
         if hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(f"{type(module).__name__} has no input projection")
@@ -98,7 +104,8 @@ def attention_qkv(attn: "Attention", cfg: ModelConfig, h):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, linear: LinearFactory | None = None):
         self.self_attn = Attention(cfg, dtype, linear)
-        self.mlp = MLP(cfg, dtype, linear)
+        # (an MoE's router stays 16-bit; its experts follow `linear`: qoq_jax.moe)
+        self.mlp = MoE(cfg, dtype, linear) if cfg.is_moe else MLP(cfg, dtype, linear)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
@@ -134,6 +141,8 @@ def _layer_forward(layer: DecoderLayer, cfg: ModelConfig, x, cos, sin, cache, la
     # float, or INT8 for W4A8 layers
     h = norm_input(layer.input_layernorm, x, first_projection(attn))
     q, k, v = attention_qkv(attn, cfg, h)
+    if cfg.qk_norm:  # per head, before RoPE (Qwen3)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     if cfg.key_rotation:
         # Rotate q and k per head after RoPE (scores unchanged); the cache then gets keys that
         # already carry RoPE, so its fused RoPE runs with the identity angles (cos 1, sin 0).
@@ -177,6 +186,8 @@ def _row_parallel(linear, x, axis):
 
 
 def _mlp(mlp: MLP, h, axis):
+    if isinstance(mlp, MoE):
+        return mlp(h, axis)
     if axis is None:
         return mlp(h)
     gate, up = mlp_gate_up(mlp, h)
@@ -247,7 +258,7 @@ PREFILL_BLOCK_Q = 16
 
 def _run_layers(model: Transformer, x, batch: TokenBatch, cache, attend, axis=None):
     cfg = model.config
-    cos, sin = rope_cos_sin(batch.positions, rope_inv_freq(cfg))
+    cos, sin = model_rope(cfg, batch.positions)
     page, slot = slot_indices(batch.page_table, batch.token_seq, batch.positions,
                               cache.page_size)
     graphdef, stacked = nnx.split(model.layers)
@@ -389,7 +400,7 @@ def fuse_projections(model: Transformer, tensor_parallel: int = 1) -> Transforme
         attn.qkv_proj = _concat_outputs([attn.q_proj, attn.k_proj, attn.v_proj],
                                         tensor_parallel)
         del attn.q_proj, attn.k_proj, attn.v_proj
-    if not hasattr(mlp, "gate_up_proj"):
+    if hasattr(mlp, "gate_proj"):  # (an MoE layer's experts stay as they are)
         mlp.gate_up_proj = _concat_outputs([mlp.gate_proj, mlp.up_proj], tensor_parallel)
         del mlp.gate_proj, mlp.up_proj
     return out
@@ -425,6 +436,7 @@ def from_hf_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], dtype=j
     """
     from qoq_jax import sharding
 
+    weights = canonical_weights(cfg, weights)  # Phi-3's fused projections split
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype, linear))
     if mesh is not None:
         sharding.check_tensor_parallel(abstract, sharding.tp_size(mesh))

@@ -5,7 +5,9 @@ It knows nothing of requests. What it owns, allocated once:
 - the KV pools (``kv_cache.PagedKVCache`` or ``PagedKV4Cache``), donated to and returned by
   every program, so they are updated in place;
 - ``SlotState``: per decode slot (a row), the token to feed next, its position, how many tokens
-  it has made, whether it is done and why, and its sampling parameters (``RowParams``);
+  it has made, whether it is done and why, its sampling parameters (``RowParams``), and the
+  token history its penalties read (the prompt's tokens as a vocabulary mask, the output's
+  token counts; written by ``set_history`` for penalised requests, counts kept by sampling);
 - the page table [slots, max_pages] (uploaded by ``set_page_table`` when the host's changes).
 
 Its verbs, each a jitted program over a few bucketed shapes (``Buckets``; ``warmup`` compiles
@@ -18,6 +20,8 @@ them all):
   (a ``lax.while_loop`` that stops early when every row is done).
 - ``score(TokenBatch, targets)``: log-probabilities of given next tokens at every position
   (perplexity), through the same cache and kernels.
+- ``set_history(slot, prompt_mask, output_counts)``: a penalised request's token history into
+  its slot, before the step that starts its decoding.
 
 Outputs are named pytrees (``StepOutput``, ``DecodeOutput``) whose host copies start as soon as
 the program is dispatched; ``fetch`` turns them into numpy. Every input goes through
@@ -47,8 +51,8 @@ from qoq_jax import sharding
 from qoq_jax.kv_cache import SCRATCH_PAGE, cache_class, kernel_backend, make_cache
 from qoq_jax.layers import int8_runtime
 from qoq_jax.model import PREFILL_BLOCK_Q, TokenBatch, Transformer, forward, fuse_projections
-from qoq_jax.sampling import sample
-from qoq_jax.scheduler import Buckets
+from qoq_jax.sampling import bar_tokens, bias_logits, penalize, sample
+from qoq_jax.scheduler import MIN_TOKEN_BUCKET, SPEC_MIN_TOKEN_BUCKET, Buckets
 
 
 class Finish(enum.IntEnum):
@@ -90,7 +94,8 @@ jax.monitoring.register_event_duration_secs_listener(COMPILES)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowParams:
-    """Sampling parameters and limits of rows, all [R] (stop_ids [R, W], padded with -1)."""
+    """Sampling parameters and limits of rows, all [R] (stop_ids [R, W] and bias_ids /
+    bias_values [R, N], ids padded with -1). Defaults are no-ops (see qoq_jax.sampling)."""
 
     max_new: jax.Array  # int32
     temperature: jax.Array  # float32; 0 is greedy
@@ -99,13 +104,26 @@ class RowParams:
     seed: jax.Array  # uint32
     logprobs: jax.Array  # bool: the row wants log-probabilities
     stop_ids: jax.Array  # int32 [R, W]
+    min_p: jax.Array  # float32; 0 is no cut
+    min_tokens: jax.Array  # int32; stop ids barred before this many tokens
+    penalized: jax.Array  # bool: some penalty below applies (its history is in the slot)
+    repetition: jax.Array  # float32; 1 is none
+    presence: jax.Array  # float32
+    frequency: jax.Array  # float32
+    bias_ids: jax.Array  # int32 [R, N]
+    bias_values: jax.Array  # float32 [R, N]
 
     @classmethod
-    def empty(cls, rows: int, width: int) -> "RowParams":
-        return cls(max_new=np.ones((rows,), np.int32), temperature=np.zeros((rows,), np.float32),
-                   top_k=np.zeros((rows,), np.int32), top_p=np.ones((rows,), np.float32),
+    def empty(cls, rows: int, width: int, bias_width: int = 1) -> "RowParams":
+        f = lambda v: np.full((rows,), v, np.float32)  # noqa: E731
+        return cls(max_new=np.ones((rows,), np.int32), temperature=f(0.0),
+                   top_k=np.zeros((rows,), np.int32), top_p=f(1.0),
                    seed=np.zeros((rows,), np.uint32), logprobs=np.zeros((rows,), bool),
-                   stop_ids=np.full((rows, width), -1, np.int32))
+                   stop_ids=np.full((rows, width), -1, np.int32), min_p=f(0.0),
+                   min_tokens=np.zeros((rows,), np.int32), penalized=np.zeros((rows,), bool),
+                   repetition=f(1.0), presence=f(0.0), frequency=f(0.0),
+                   bias_ids=np.full((rows, bias_width), -1, np.int32),
+                   bias_values=np.zeros((rows, bias_width), np.float32))
 
 
 @jax.tree_util.register_dataclass
@@ -119,12 +137,16 @@ class SlotState:
     num_generated: jax.Array  # tokens the request has made (the sampling index of the next)
     done: jax.Array  # bool
     finish: jax.Array  # Finish code
+    prompt_mask: jax.Array  # bool [slots, vocab]: the prompt's tokens (penalised slots only)
+    output_counts: jax.Array  # int32 [slots, vocab]: tokens made, by id
 
     @classmethod
-    def idle(cls, slots: int, width: int) -> "SlotState":
+    def idle(cls, slots: int, width: int, bias_width: int, vocab: int) -> "SlotState":
         z = np.zeros((slots,), np.int32)
-        return cls(params=RowParams.empty(slots, width), last_token=z, position=z,
-                   num_generated=z, done=np.ones((slots,), bool), finish=z)
+        return cls(params=RowParams.empty(slots, width, bias_width), last_token=z, position=z,
+                   num_generated=z, done=np.ones((slots,), bool), finish=z,
+                   prompt_mask=np.zeros((slots, vocab), bool),
+                   output_counts=np.zeros((slots, vocab), np.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -140,6 +162,12 @@ class StepInputs:
     samples the first token), ``generated0`` (tokens made before this admission: a resumed
     sequence's), ``params`` (RowParams of rows that start decoding here).
     ``retire`` [slots] (bool): slots the host has ended since the last dispatch.
+
+    Speculative engines (``spec_k`` > 0) only: ``num_proposed`` [S] (a decode row's proposed
+    tokens, fed after its last token: the row is 1 + num_proposed tokens long), and the flat
+    rows of logits the step computes, [L]: ``logit_token`` (the token whose next-token logits
+    they are), ``logit_row`` (its row, -1: none) and ``logit_col`` (0 for a row's first token,
+    j for its j-th proposal). Zero-sized otherwise.
     """
 
     tokens: jax.Array
@@ -153,13 +181,33 @@ class StepInputs:
     generated0: jax.Array
     params: RowParams
     retire: jax.Array
+    num_proposed: jax.Array
+    logit_token: jax.Array
+    logit_row: jax.Array
+    logit_col: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _LogitBatch(TokenBatch):
+    """A TokenBatch whose logits are taken at given flat tokens ([L] logit_index) instead of
+    each sequence's last token: a verification row needs them at each of its positions, and
+    the rest of the batch at one token each, so the LM head runs on L rows only."""
+
+    logit_index: jax.Array
+
+    @property
+    def last_token(self) -> jax.Array:
+        return self.logit_index
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
     """What a step produced per row [S]: token (-1 if none), its Finish code, its
-    log-probability and the top alternatives ([S, n]; zeros unless a row asked)."""
+    log-probability and the top alternatives ([S, n]; zeros unless a row asked). A speculative
+    engine's steps make up to 1 + spec_k tokens per row: token, logprob [S, 1 + k] and the top
+    alternatives [S, 1 + k, n] (-1 / zeros past the row's last token)."""
 
     token: jax.Array
     finish: jax.Array
@@ -194,18 +242,49 @@ def _start_host_copy(output) -> None:
 # ----------------------------------------------------------------------------------------------
 # sampling and finishing, per row
 
-def _pick(logits, params: RowParams, index, num_generated, n_top: int):
-    """Sample each row (greedy rows take the argmax), then its Finish code and
-    log-probabilities. index: the sampling index of the token (its seed's stream position);
-    num_generated: tokens made counting this one."""
+def _process(logits, params: RowParams, index, prompt_mask, output_counts, rows, prior=None):
+    """The rows' logit processing (qoq_jax.sampling: bias, min_tokens, penalties), each step a
+    runtime branch taken only when some row needs it, so one program serves every mix and a
+    batch without them pays nothing. prompt_mask / output_counts: the slots' histories,
+    gathered at `rows` only inside the penalty branch. prior [R, K] (-1: none): tokens the
+    row's history has before this one beyond its slot's counts (a verification row's earlier
+    proposals: the history as it would be at that position)."""
+    def skip(x):
+        return x
+
+    x = jax.lax.cond(jnp.any(params.bias_ids >= 0),
+                     lambda x: bias_logits(x, params.bias_ids, params.bias_values), skip, logits)
+    barred = index < params.min_tokens
+    x = jax.lax.cond(jnp.any(barred), lambda x: bar_tokens(x, params.stop_ids, barred), skip, x)
+
+    def penalties(x):
+        counts = output_counts[rows]
+        if prior is not None:
+            vocab = counts.shape[-1]
+            at = jnp.arange(counts.shape[0])[:, None]
+            counts = counts.at[at, jnp.where(prior >= 0, prior, vocab)].add(1, mode="drop")
+        y = penalize(x, prompt_mask[rows], counts, params.repetition,
+                     params.presence, params.frequency)
+        return jnp.where(params.penalized[:, None], y, x)
+
+    return jax.lax.cond(jnp.any(params.penalized), penalties, skip, x)
+
+
+def _pick(logits, params: RowParams, index, num_generated, n_top: int, history):
+    """Sample each row (greedy rows take the argmax of the processed logits), then its Finish
+    code and log-probabilities (of the model's logits). index: the sampling index of the token
+    (its seed's stream position); num_generated: tokens made counting this one; history:
+    (prompt_mask, output_counts, rows[, prior]) for the penalties."""
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
     clean = jnp.where(finite[:, None], logits, 0.0)
-    # the sort that top-k / top-p need runs only when some row samples (a runtime branch:
-    # one program serves greedy and sampled batches, and greedy rows take the argmax either way)
+    processed = _process(clean, params, index, *history)
+    # the sort that top-k / top-p / min-p need runs only when some row samples (a runtime
+    # branch: one program serves greedy and sampled batches; greedy rows take the argmax)
     tok = jax.lax.cond(
         jnp.any(params.temperature > 0),
-        lambda x: sample(x, params.temperature, params.top_k, params.top_p, params.seed, index),
-        lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), clean)
+        lambda x: sample(x, params.temperature, params.top_k, params.top_p, params.seed, index,
+                         min_p=params.min_p),
+        lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), processed)
     rows = logits.shape[0]
 
     def logprobs(x):
@@ -229,6 +308,15 @@ def _pick(logits, params: RowParams, index, num_generated, n_top: int):
     return tok, finish.astype(jnp.int32), chosen, top_id, top_lp
 
 
+def _replicate(tree, mesh):
+    """Under tensor parallelism, the slot state stays replicated: the sharding the programs
+    were compiled for (sampling runs on vocabulary-split logits, and the partitioner would
+    otherwise be free to split the history arrays [slots, vocab] by vocabulary too)."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, sharding.replicated(mesh))
+
+
 def _take(tree, index):
     return jax.tree.map(lambda a: a[index], tree)
 
@@ -241,12 +329,16 @@ def _set(tree, index, values):
 # ----------------------------------------------------------------------------------------------
 # the programs
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_top", "splits", "mesh"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_top", "splits", "mesh", "spec_k"),
                    donate_argnames=("cache", "slots"))
 def _step(graphdef, params, cache, slots: SlotState, page_table, inputs: StepInputs, *,
-          n_top: int, splits: int, mesh=None):
+          n_top: int, splits: int, mesh=None, spec_k: int = 0):
     """One ragged batch (see StepInputs); returns (StepOutput, slots, cache)."""
     model = nnx.merge(graphdef, params)
+    if spec_k:
+        out, slots, cache = _spec_step(model, cache, slots, page_table, inputs, n_top=n_top,
+                                       splits=splits, mesh=mesh, k=spec_k)
+        return out, _replicate(slots, mesh), cache
     n_slots = slots.done.shape[0]
     slots = dataclasses.replace(slots, done=slots.done | inputs.retire)
     slot = inputs.slot
@@ -274,10 +366,16 @@ def _step(graphdef, params, cache, slots: SlotState, page_table, inputs: StepInp
         insert.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), inputs.params,
         _take(slots.params, sl))
     made = jnp.where(insert, inputs.generated0, slots.num_generated[sl])
-    tok, finish, chosen, top_id, top_lp = _pick(logits, row_params, made, made + 1, n_top)
+    tok, finish, chosen, top_id, top_lp = _pick(
+        logits, row_params, made, made + 1, n_top,
+        (slots.prompt_mask, slots.output_counts, sl))
     tok = jnp.where(samples, tok, -1)
     finish = jnp.where(samples, finish, Finish.RUNNING)
     target = jnp.where(samples, slot, n_slots)  # rows that do not sample write nothing
+    vocab = slots.output_counts.shape[1]
+    slots = dataclasses.replace(
+        slots, output_counts=slots.output_counts.at[target, jnp.where(tok >= 0, tok, vocab)]
+        .add(1, mode="drop"))
     slots = dataclasses.replace(
         slots, params=_set(slots.params, target, row_params),
         last_token=slots.last_token.at[target].set(tok, mode="drop"),
@@ -285,7 +383,94 @@ def _step(graphdef, params, cache, slots: SlotState, page_table, inputs: StepInp
         num_generated=slots.num_generated.at[target].set(made + 1, mode="drop"),
         done=slots.done.at[target].set(finish != Finish.RUNNING, mode="drop"),
         finish=slots.finish.at[target].set(finish, mode="drop"))
-    return StepOutput(tok, finish, chosen, top_id, top_lp), slots, cache
+    return StepOutput(tok, finish, chosen, top_id, top_lp), _replicate(slots, mesh), cache
+
+
+def _spec_step(model, cache, slots: SlotState, page_table, inputs: StepInputs, *, n_top: int,
+               splits: int, mesh, k: int):
+    """The ragged step of a speculative engine: a decode row may carry proposals (its last
+    token and num_proposed proposed tokens at consecutive positions, one chunk-like row), and
+    logits are computed at the flat rows inputs.logit_* name (every position of a verification
+    row, the last token of the others). At each position the row samples as it would without
+    speculation (the same processing, with the history as it is there, and the same
+    (seed, index) key); it keeps those tokens while they equal the proposals, plus the first
+    that does not (or the one after the last proposal). K/V written for rejected positions lie
+    past the row's new position: overwritten later, never read before."""
+    n_slots = slots.done.shape[0]
+    slots = dataclasses.replace(slots, done=slots.done | inputs.retire)
+    slot = inputs.slot
+    has = slot >= 0
+    sl = jnp.maximum(slot, 0)
+    live = has & ~slots.done[sl]
+    n_rows = slot.shape[0]
+    nprop = jnp.where(inputs.decode & live, inputs.num_proposed, 0)
+    length = jnp.where(inputs.decode, live * (1 + nprop), jnp.where(has, inputs.length, 0))
+    pos0 = jnp.where(inputs.decode, slots.position[sl], inputs.pos0)
+    kv_len = pos0 + length
+    t = inputs.tokens.shape[0]
+    seq = jnp.maximum(inputs.token_seq, 0)
+    offset = jnp.arange(t, dtype=jnp.int32) - inputs.start[seq]
+    real = (inputs.token_seq >= 0) & (offset < length[seq])
+    # a decode row's first token is its slot's last token; its proposals follow on the axis
+    tokens = jnp.where(inputs.decode[seq] & (offset == 0), slots.last_token[sl[seq]],
+                       inputs.tokens)
+    batch = _LogitBatch(
+        tokens=tokens, positions=pos0[seq] + offset, token_seq=jnp.where(real, seq, -1),
+        q_start=inputs.start, q_len=length, kv_len=kv_len,
+        page_table=jnp.where(has[:, None], page_table[sl], SCRATCH_PAGE),
+        logit_index=inputs.logit_token)
+    logits, cache = forward(model, batch, cache, block_q=PREFILL_BLOCK_Q, splits=splits,
+                            mesh=mesh)  # [L, V]
+    samples = jnp.where(inputs.decode, live, has & inputs.sample)
+    insert = samples & ~inputs.decode
+    row_params = jax.tree.map(lambda new, old: jnp.where(
+        insert.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), inputs.params,
+        _take(slots.params, sl))
+    made = jnp.where(insert, inputs.generated0, slots.num_generated[sl])
+    # proposals per row [S, k] (-1: none), read from the flat axis after the row's first token
+    j = jnp.arange(k, dtype=jnp.int32)[None, :]
+    prop = jnp.where(j < nprop[:, None],
+                     inputs.tokens[jnp.clip(inputs.start[:, None] + 1 + j, 0, t - 1)], -1)
+    # every flat logit row samples as its row would at that index
+    n_logits = inputs.logit_row.shape[0]
+    lr = jnp.maximum(inputs.logit_row, 0)
+    col = inputs.logit_col
+    index = made[lr] + col
+    prior = jnp.where(j < col[:, None], prop[lr], -1)  # the history as it is at that position
+    tok_l, fin_l, lp_l, tid_l, tlp_l = _pick(
+        logits, _take(row_params, lr), index, index + 1, n_top,
+        (slots.prompt_mask, slots.output_counts, sl[lr], prior))
+    # back to rows [S, 1 + k]
+    first = jnp.full((n_rows,), n_logits, jnp.int32).at[
+        jnp.where(inputs.logit_row >= 0, inputs.logit_row, n_rows)].min(
+        jnp.arange(n_logits, dtype=jnp.int32), mode="drop")
+    cols = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    at = jnp.clip(first[:, None] + cols, 0, n_logits - 1)
+    tok, fin = tok_l[at], fin_l[at]
+    match = (cols[:, :k] < nprop[:, None]) & (tok[:, :k] == prop) & (fin[:, :k] == Finish.RUNNING)
+    accepted = jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=1), axis=1)  # [S]
+    keep = samples[:, None] & (cols <= accepted[:, None])
+    tok = jnp.where(keep, tok, -1)
+    last = jnp.take_along_axis(tok, accepted[:, None], axis=1)[:, 0]
+    finish = jnp.where(samples, jnp.take_along_axis(fin, accepted[:, None], axis=1)[:, 0],
+                       Finish.RUNNING)
+    target = jnp.where(samples, slot, n_slots)
+    vocab = slots.output_counts.shape[1]
+    counts = slots.output_counts.at[jnp.broadcast_to(target[:, None], tok.shape),
+                                    jnp.where(tok >= 0, tok, vocab)].add(1, mode="drop")
+    kept = jnp.where(inputs.decode, pos0 + accepted + 1, kv_len)
+    slots = dataclasses.replace(
+        slots, output_counts=counts, params=_set(slots.params, target, row_params),
+        last_token=slots.last_token.at[target].set(last, mode="drop"),
+        position=slots.position.at[target].set(kept, mode="drop"),
+        num_generated=slots.num_generated.at[target].set(made + accepted + 1, mode="drop"),
+        done=slots.done.at[target].set(finish != Finish.RUNNING, mode="drop"),
+        finish=slots.finish.at[target].set(finish, mode="drop"))
+    zero = jnp.zeros((), lp_l.dtype)
+    out = StepOutput(tok, finish.astype(jnp.int32), jnp.where(keep, lp_l[at], zero),
+                     jnp.where(keep[..., None], tid_l[at], 0),
+                     jnp.where(keep[..., None], tlp_l[at], zero))
+    return out, slots, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows", "max_steps", "n_top",
@@ -317,10 +502,15 @@ def _decode(graphdef, params, cache, slots: SlotState, page_table, retire, num_s
                            q_len=active.astype(jnp.int32), kv_len=st.position + active,
                            page_table=table)
         logits, cache = forward(model, batch, cache, block_q=1, splits=splits, mesh=mesh)
-        tok, finish, chosen, top_id, top_lp = _pick(logits, st.params, st.num_generated,
-                                                     st.num_generated + 1, n_top)
+        tok, finish, chosen, top_id, top_lp = _pick(
+            logits, st.params, st.num_generated, st.num_generated + 1, n_top,
+            (st.prompt_mask, st.output_counts, arange))
         finish = jnp.where(active, finish, st.finish)
         tok = jnp.where(active, tok, -1)
+        vocab = st.output_counts.shape[1]
+        st = dataclasses.replace(
+            st, output_counts=st.output_counts.at[arange, jnp.where(tok >= 0, tok, vocab)]
+            .add(1, mode="drop"))
         st = dataclasses.replace(
             st, last_token=jnp.where(active, tok, st.last_token), position=st.position + active,
             num_generated=st.num_generated + active, done=st.done | (finish != Finish.RUNNING),
@@ -334,18 +524,38 @@ def _decode(graphdef, params, cache, slots: SlotState, page_table, retire, num_s
 
     _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
     slots = jax.tree.map(lambda a, part: a.at[:rows].set(part), full, st)
-    return out, slots, cache
+    return out, _replicate(slots, mesh), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
-def _score(graphdef, params, cache, batch: TokenBatch, targets, *, mesh=None):
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def _set_history(slots: SlotState, slot, prompt_mask, output_counts) -> SlotState:
+    return dataclasses.replace(slots, prompt_mask=slots.prompt_mask.at[slot].set(prompt_mask),
+                               output_counts=slots.output_counts.at[slot].set(output_counts))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScoreOutput:
+    """Per token [T]: the target's log-probability (0 where none), and the n most likely next
+    tokens with theirs ([T, n])."""
+
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_top", "mesh"),
+                   donate_argnames=("cache",))
+def _score(graphdef, params, cache, batch: TokenBatch, targets, *, n_top: int = 0, mesh=None):
     """Log-probability of targets [T] (-1: none) after each token of a ragged batch."""
     model = nnx.merge(graphdef, params)
     logits, cache = forward(model, batch, cache, block_q=PREFILL_BLOCK_Q, all_logits=True,
                             mesh=mesh)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-    return jnp.where(targets >= 0, picked, 0.0), cache
+    top_lp, top_id = jax.lax.top_k(logp, n_top)
+    return ScoreOutput(jnp.where(targets >= 0, picked, 0.0), top_id.astype(jnp.int32),
+                       top_lp), cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +578,8 @@ class DeviceRunner:
 
     def __init__(self, model: Transformer, *, kv_cache: str, num_pages: int, page_size: int,
                  slots: int, max_pages_per_seq: int, max_batch_tokens: int, max_logprobs: int,
-                 max_stop_ids: int, mesh=None, kernels: str | None = None):
+                 max_stop_ids: int, max_logit_bias: int = 1, mesh=None,
+                 kernels: str | None = None, spec_k: int = 0):
         self.model_config = model.config
         self.dtype = model.dtype
         self.mesh = mesh if sharding.tp_size(mesh) > 1 else None
@@ -386,7 +597,13 @@ class DeviceRunner:
         self.max_pages_per_seq = max_pages_per_seq
         self.max_logprobs = max_logprobs
         self.max_stop_ids = max_stop_ids
-        self.buckets = Buckets(max_tokens=max_batch_tokens, slots=self.slots)
+        self.max_logit_bias = max(1, max_logit_bias)
+        self.vocab = model.config.vocab_size
+        # speculative steps (spec_k proposed tokens per decode row at most): a smaller first
+        # step bucket, so a lone sequence's verification row pads little
+        self.spec_k = spec_k
+        self.buckets = Buckets(max_tokens=max_batch_tokens, slots=self.slots,
+                               min_tokens=SPEC_MIN_TOKEN_BUCKET if spec_k else MIN_TOKEN_BUCKET)
         tp = sharding.tp_size(self.mesh)
         self.splits = default_splits(max_pages_per_seq, slots,
                                      model.config.num_kv_heads // tp)
@@ -431,7 +648,8 @@ class DeviceRunner:
         else:  # created in place, each device its KV heads
             self.cache = jax.jit(make, out_shardings=sharding.cache_sharding(
                 self.mesh, jax.eval_shape(make)))()
-        self.state = self._put(SlotState.idle(self.slots, self.max_stop_ids))
+        self.state = self._put(SlotState.idle(self.slots, self.max_stop_ids,
+                                              self.max_logit_bias, self.vocab))
         self._table[:] = SCRATCH_PAGE
         self._table_dev = self._put(self._table)
 
@@ -459,6 +677,12 @@ class DeviceRunner:
         _start_host_copy(out)
         return out
 
+    def set_history(self, slot: int, prompt_mask: np.ndarray, output_counts: np.ndarray) -> None:
+        """A penalised request's token history ([vocab] bool and int32) into `slot`; dispatched
+        before the step that starts its decoding (ordered by the donated slot state)."""
+        self.state = _set_history(self.state, self._put(np.int32(slot)),
+                                  self._put(prompt_mask), self._put(output_counts))
+
     def decode(self, rows: int, steps: int, retire: np.ndarray) -> DecodeOutput:
         """Dispatch up to `steps` decode steps of slots [0, rows) (rows: a decode bucket)."""
         max_steps = self.max_decode_steps
@@ -482,20 +706,22 @@ class DeviceRunner:
 
     def _lower_step(self, args):
         return _step.lower(self.graphdef, *args, n_top=self.max_logprobs, splits=self.splits,
-                           mesh=self.mesh)
+                           mesh=self.mesh, spec_k=self.spec_k)
 
     def _lower_decode(self, rows, args):
         return _decode.lower(self.graphdef, *args, rows=rows, max_steps=self.max_decode_steps,
                              n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh)
 
     max_decode_steps = 16  # the decode program's output width (a dispatch may run fewer)
+    max_spec_tokens = 15  # the most proposals a speculative step verifies per row
 
-    def score(self, batch: TokenBatch, targets: np.ndarray) -> jax.Array:
-        """Log-probabilities of targets [T] after each token of `batch` (host arrays)."""
-        lp, self.cache = _score(self.graphdef, self.params, self.cache,
-                                jax.tree.map(self._put, batch), self._put(targets),
-                                mesh=self.mesh)
-        return lp
+    def score(self, batch: TokenBatch, targets: np.ndarray, n_top: int = 0) -> ScoreOutput:
+        """Log-probabilities of targets [T] after each token of `batch` (host arrays), and the
+        n_top most likely next tokens at each."""
+        out, self.cache = _score(self.graphdef, self.params, self.cache,
+                                 jax.tree.map(self._put, batch), self._put(targets),
+                                 n_top=n_top, mesh=self.mesh)
+        return out
 
     # ------------------------------------------------------------------------------------------
     # host-side construction of the inputs
@@ -504,11 +730,21 @@ class DeviceRunner:
         """StepInputs of a bucket's shape with no work (numpy, to be filled)."""
         s, w = self.slots, self.max_stop_ids
         zi = functools.partial(np.zeros, (s,), np.int32)
+        n_logits = self.logit_rows(num_tokens)
         return StepInputs(
+            num_proposed=zi(), logit_token=np.zeros((n_logits,), np.int32),
+            logit_row=np.full((n_logits,), -1, np.int32),
+            logit_col=np.zeros((n_logits,), np.int32),
             tokens=np.zeros((num_tokens,), np.int32), token_seq=np.full((num_tokens,), -1, np.int32),
             slot=np.full((s,), -1, np.int32), start=zi(), length=zi(), pos0=zi(),
             decode=np.zeros((s,), bool), sample=np.zeros((s,), bool), generated0=zi(),
-            params=RowParams.empty(s, w), retire=np.zeros((self.slots,), bool))
+            params=RowParams.empty(s, w, self.max_logit_bias),
+            retire=np.zeros((self.slots,), bool))
+
+    def logit_rows(self, num_tokens: int) -> int:
+        """Rows of logits a speculative step of a bucket computes (0 without speculation: one
+        per sequence row): at most one per token, and 1 + spec_k per slot."""
+        return min(num_tokens, self.slots * (1 + self.spec_k)) if self.spec_k else 0
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {"step": self.buckets.step, "decode": self.buckets.decode}
@@ -548,7 +784,8 @@ class DeviceRunner:
 
         def fn(params, cache, slots, table, inputs):
             return _step(self.graphdef, params, cache, slots, table, inputs,
-                         n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh)
+                         n_top=self.max_logprobs, splits=self.splits, mesh=self.mesh,
+                         spec_k=self.spec_k)
 
         return fn, (self.params, self.cache, self.state, self._table_dev,
                     jax.tree.map(self._put, self.empty_inputs(num_tokens)))
@@ -578,13 +815,15 @@ class DeviceRunner:
         return [f"{kind}/{n}" for kind, n in sorted(self._executables)]
 
 
-def stack_params(rows: Sequence[dict], width: int) -> RowParams:
-    """RowParams [len(rows)] from per-row dicts (host side; the loop's helper)."""
-    out = RowParams.empty(len(rows), width)
+def stack_params(rows: Sequence[dict], width: int, bias_width: int = 1) -> RowParams:
+    """RowParams [len(rows)] from per-row dicts (host side; the loop's helper); the [R, N]
+    fields take lists."""
+    out = RowParams.empty(len(rows), width, bias_width)
     for i, r in enumerate(rows):
         for name, value in r.items():
-            if name == "stop_ids":
-                out.stop_ids[i, :len(value)] = value
+            field = getattr(out, name)
+            if field.ndim == 2:
+                field[i, :len(value)] = value
             else:
-                getattr(out, name)[i] = value
+                field[i] = value
     return out

@@ -19,6 +19,12 @@ Policies (vLLM v1-style, first come first served):
   page of headroom per decoding sequence). Admission never preempts. A prompt's chunks take
   what the budget leaves, up to ``prefill_chunk`` tokens: chunking may depend on the load,
   which changes nothing, because a token is computed the same way in any chunk;
+- prefix caching (when the allocator caches, qoq_jax/pages.py): a sequence admitted finds the
+  longest run of its leading full pages that earlier sequences computed and shares them, then
+  prefills only the rest; the pages each chunk fills are registered when it is dispatched. A
+  sequence whose next page another sequence computes in this very step waits one step and
+  shares it (several samples of one prompt compute it once). Exact, because a token's K/V are
+  computed the same way whatever the batch and the chunking;
 - when a decoding sequence needs a page and none is free, the most recently admitted running
   sequence is preempted (possibly the needy one itself): its slot and pages are freed, and it
   goes back to the front of the queue keeping the tokens it produced. Re-admitted, it prefills
@@ -34,7 +40,7 @@ import enum
 import heapq
 import itertools
 
-from qoq_jax.kv_cache import OutOfPagesError, PageAllocator
+from qoq_jax.pages import OutOfPagesError, PageAllocator, page_hashes
 from qoq_jax.sampling import SamplingParams
 
 
@@ -56,7 +62,9 @@ class Sequence:
     output: list[int] = dataclasses.field(default_factory=list)  # read back; only grows
     slot: int | None = None
     context: list[int] = dataclasses.field(default_factory=list)  # what this admission prefills
-    prefilled: int = 0  # tokens of context dispatched for prefill
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of context's full pages
+    prefilled: int = 0  # tokens of context dispatched for prefill (or found in the prefix cache)
+    cached_tokens: int = 0  # prompt tokens the first admission found in the prefix cache
     steps: int = 0  # decode steps dispatched since the prompt (each writes one token's K/V)
     admitted_order: int = -1  # larger = admitted more recently
     incarnation: int = 0  # bumped at each admission: results of an older one are stale
@@ -105,14 +113,18 @@ class Plan:
     admitted: list[Sequence] = dataclasses.field(default_factory=list)
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
     freed_slots: list[int] = dataclasses.field(default_factory=list)  # of the preempted
+    cached_tokens: int = 0  # context tokens the admissions found in the prefix cache
+    proposals: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # by seq_id
 
     @property
     def ragged(self) -> bool:
-        return bool(self.chunks)
+        """A ragged step: prompt chunks, or decode rows with proposals to verify."""
+        return bool(self.chunks or self.proposals)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decode) + sum(c.length for c in self.chunks)
+        return (len(self.decode) + sum(len(p) for p in self.proposals.values())
+                + sum(c.length for c in self.chunks))
 
     @property
     def empty(self) -> bool:
@@ -120,6 +132,7 @@ class Plan:
 
 
 MIN_TOKEN_BUCKET = 16
+SPEC_MIN_TOKEN_BUCKET = 8  # speculative engines: a lone verification row pads to 8, not 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +149,15 @@ class Buckets:
 
     max_tokens: int
     slots: int
+    min_tokens: int = MIN_TOKEN_BUCKET  # the smallest step bucket
 
     @property
     def step(self) -> tuple[int, ...]:
-        out, b = [], MIN_TOKEN_BUCKET
+        out, b = [], self.min_tokens
         while b < self.max_tokens:
             out.append(b)
             b *= 2
-        return tuple(out) + (max(self.max_tokens, MIN_TOKEN_BUCKET),)
+        return tuple(out) + (max(self.max_tokens, self.min_tokens),)
 
     @property
     def decode(self) -> tuple[int, ...]:
@@ -151,7 +165,7 @@ class Buckets:
 
     def step_tokens(self, n: int) -> int:
         """Padded token count of a ragged step of n tokens (the bucket above)."""
-        if n > max(self.max_tokens, MIN_TOKEN_BUCKET):
+        if n > max(self.max_tokens, self.min_tokens):
             raise ValueError(f"{n} tokens exceed the batch limit of {self.max_tokens}")
         return next(b for b in self.step if b >= n)
 
@@ -176,7 +190,8 @@ class Scheduler:
     """
 
     def __init__(self, allocator: PageAllocator, *, max_slots: int, max_batch_tokens: int,
-                 prefill_chunk: int, decode_steps: int, buckets: Buckets | None = None):
+                 prefill_chunk: int, decode_steps: int, buckets: Buckets | None = None,
+                 cache_salt: bytes = b"", proposer=None, speculative_max_batch: int = 0):
         if max_batch_tokens < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_tokens and prefill_chunk must be >= 1")
         if max_batch_tokens <= max_slots:
@@ -189,6 +204,10 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.decode_steps = decode_steps
         self.buckets = buckets or Buckets(max_tokens=max_batch_tokens, slots=max_slots)
+        self.cache_salt = cache_salt  # what else decides a page's K/V (the cache kind, ...)
+        # speculative decoding: proposes tokens for a decoding sequence (qoq_jax.speculative)
+        self.proposer = proposer
+        self.speculative_max_batch = speculative_max_batch  # propose only up to this many rows
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order
         self._free_slots = list(range(max_slots))  # a heap: lowest slot first keeps rows dense
@@ -207,6 +226,10 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_decoding(self) -> int:
+        return sum(s.status == Status.DECODING for s in self.running)
 
     def occupied_rows(self) -> int:
         """1 + the highest slot in use (a decode dispatch covers rows [0, this))."""
@@ -228,6 +251,15 @@ class Scheduler:
         """The device produced these tokens for `seq` (read back, in order)."""
         seq.output.extend(tokens)
 
+    def on_verified(self, seq: Sequence, accepted: int) -> None:
+        """A verification row of `seq` kept `accepted` of its proposals (their K/V stay; the
+        rejected positions' are past its new end): its position moves on by them, and pages
+        holding only rejected positions are freed."""
+        if seq.status != Status.DECODING:
+            return
+        seq.steps += accepted
+        self.allocator.trim(seq.seq_id, seq.kv_tokens)
+
     # ------------------------------------------------------------------------------------------
     # one iteration
 
@@ -239,8 +271,13 @@ class Scheduler:
         for seq in [s for s in self.running if s.status == Status.DECODING]:
             if seq.status == Status.DECODING and self._grow(seq, 1, plan, inflight):
                 plan.decode.append(seq)
+        # 1b. speculation: proposals for decoding sequences, verified in a ragged step (they
+        # need every token read back: the proposals follow the sequence's last token)
+        if self.proposer is not None and not inflight and (
+                not self.speculative_max_batch or len(plan.decode) <= self.speculative_max_batch):
+            self._propose(plan)
         # 2. prompt chunks in the rest of the token budget: continuing prompts, then admissions
-        budget = self.max_batch_tokens - len(plan.decode)
+        budget = self.max_batch_tokens - plan.num_tokens
         for seq in [s for s in self.running if s.status == Status.PREFILLING]:
             if budget <= 0:
                 break
@@ -251,27 +288,45 @@ class Scheduler:
             if self._ensure(seq, chunk.start + chunk.length, plan, inflight, yield_self=True):
                 plan.chunks.append(chunk)
                 budget -= chunk.length
+        pending = {h for c in plan.chunks for h in self._completed_hashes(c)}
         while self.waiting and self._free_slots and budget > 0:
             seq = self.waiting[0]
             if not seq.context:
                 seq.context = seq.prompt + seq.output
+                if self.allocator.caching:
+                    seq.hashes = page_hashes(seq.context, self.allocator.page_size,
+                                             self.cache_salt)
+            # the prefix cache: the longest run of cached leading pages, never the page of the
+            # last context token (the sequence computes that one: it samples from it)
+            usable = seq.hashes[:(len(seq.context) - 1) // self.allocator.page_size]
+            hits = self.allocator.lookup(usable)
+            if len(hits) < len(usable) and usable[len(hits)] in pending:
+                break  # its next page is being computed in this step: share it next time
+            self.allocator.share(seq.seq_id, hits)
+            seq.prefilled = len(hits) * self.allocator.page_size
             # admission never preempts, and leaves each decoder a page of headroom
             room = (self.allocator.num_free - len(plan.decode)) * self.allocator.page_size
             if room <= 0:
+                self.allocator.free(seq.seq_id)
+                seq.prefilled = 0
                 break
             chunk = self._next_chunk(seq, min(budget, room))
+            if seq.incarnation == 0:
+                seq.cached_tokens = seq.prefilled
+            plan.cached_tokens += seq.prefilled
+            pending.update(self._completed_hashes(chunk))
             self.waiting.popleft()
             seq.status = Status.PREFILLING
             seq.slot = heapq.heappop(self._free_slots)
             seq.admitted_order = next(self._admissions)
             seq.incarnation += 1
             self.running.append(seq)
-            self.allocator.ensure(seq.seq_id, chunk.length)
+            self.allocator.ensure(seq.seq_id, chunk.start + chunk.length)
             plan.admitted.append(seq)
             plan.chunks.append(chunk)
             budget -= chunk.length
         # 3. no prompt work: a decode dispatch of several steps (pages for all of them)
-        if plan.chunks:
+        if plan.ragged:
             plan.steps = 1
             self._fit(plan)
         elif plan.decode:
@@ -283,6 +338,28 @@ class Scheduler:
         self._commit(plan)
         return plan
 
+    def _propose(self, plan: Plan) -> None:
+        """Proposals for plan.decode's sequences: at most what is left of each one's budget
+        (a sequence near max_new_tokens proposes fewer), of the step's token budget (half of
+        it, so prompts still progress), and of the pages it can get without preempting."""
+        room = self.max_batch_tokens // 2 - len(plan.decode)
+        for seq in plan.decode:
+            left = seq.params.max_new_tokens - len(seq.output) - 1
+            k = min(self.proposer.k, left, room)
+            if k <= 0:
+                continue
+            proposal = self.proposer.propose(seq.prompt + seq.output, k)
+            if not proposal:
+                continue
+            owned = len(self.allocator.pages(seq.seq_id)) * self.allocator.page_size
+            try:  # pages for the proposals too, if they can be had without preempting
+                self.allocator.ensure(seq.seq_id, seq.kv_tokens + 1 + len(proposal))
+            except OutOfPagesError:
+                proposal = proposal[:max(0, owned - seq.kv_tokens - 1)]
+            if proposal:
+                plan.proposals[seq.seq_id] = proposal
+                room -= len(proposal)
+
     # Padding a ragged step costs compute for nothing, but a step's time is mostly reading the
     # weights until it holds a few hundred tokens: trimming is worth a later step only when
     # this many padding tokens or more would be saved.
@@ -291,6 +368,8 @@ class Scheduler:
     def _fit(self, plan: Plan) -> None:
         """Trim the last chunk to the bucket below when that defers fewer prompt tokens than
         padding up to the bucket above would waste (the deferred ones run next iteration)."""
+        if not plan.chunks:
+            return
         n = plan.num_tokens
         up, down = self.buckets.step_tokens(n), self.buckets.step_tokens_below(n)
         last = plan.chunks[-1]
@@ -298,11 +377,24 @@ class Scheduler:
         if up - n >= max(cut + 1, self.MIN_PADDING_SAVED) and cut < last.length:
             plan.chunks[-1] = Chunk(last.seq, last.start, last.length - cut, False)
 
+    def _completed_pages(self, chunk: Chunk) -> range:
+        """Indices of the context's full pages this chunk completes."""
+        ps = self.allocator.page_size
+        end = min((chunk.start + chunk.length) // ps, len(chunk.seq.hashes))
+        return range(chunk.start // ps, max(end, chunk.start // ps))
+
+    def _completed_hashes(self, chunk: Chunk) -> list[bytes]:
+        return [chunk.seq.hashes[i] for i in self._completed_pages(chunk)]
+
     def _commit(self, plan: Plan) -> None:
         for seq in plan.decode:
             seq.steps += plan.steps
         for chunk in plan.chunks:
             seq = chunk.seq
+            # pages this chunk fills can be shared from the next iteration on: every later
+            # program is ordered after this one by the cache they both use
+            for i in self._completed_pages(chunk):
+                self.allocator.register(seq.seq_id, i, seq.hashes[i])
             seq.prefilled = chunk.start + chunk.length
             if chunk.final:
                 seq.status = Status.DECODING
@@ -347,11 +439,12 @@ class Scheduler:
         self._release(seq)
         self.running.remove(seq)
         seq.status = Status.WAITING
-        seq.context = []  # prompt + output, taken at re-admission
+        seq.context, seq.hashes = [], []  # prompt + output, taken at re-admission
         seq.prefilled = seq.steps = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
         if seq in plan.decode:
             plan.decode.remove(seq)
+        plan.proposals.pop(seq.seq_id, None)
         plan.chunks = [c for c in plan.chunks if c.seq is not seq]

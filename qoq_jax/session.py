@@ -58,6 +58,7 @@ class Session:
         on_first_token: called with the seconds from submission to the first token used."""
         self.text = TextRequest(tokenizer, prompt_ids, stop)
         self.num_prompt_tokens = len(prompt_ids)
+        self.cached_tokens = 0  # of the prompt, found in the engine's prefix cache
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -79,6 +80,7 @@ class Session:
     def feed(self, ev) -> Delta | None:
         """One TokenEvent in; the Delta it makes, or None (nothing new, or already done)."""
         self.ended = self.ended or ev.finished
+        self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
         if self.done:
             return None
         delta, used = self.text.feed(ev.token_ids)

@@ -39,6 +39,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("heads", AXIS),
     ("kv_heads", AXIS),
     ("mlp", AXIS),
+    # mixture of experts: every device holds every expert, its slice of F (as a dense MLP);
+    # expert parallelism would map this to a mesh axis
+    ("experts", None),
 )
 
 # projection -> logical name of its split dimension (N for column-, K for row-parallel)
@@ -57,9 +60,13 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     'self_attn', 'q_proj', 'qweight')) with `ndim` dimensions."""
     path = tuple(str(p) for p in path if str(p) != "value")
     lead = ("layers",) if path[0] == "layers" else ()
+    if "experts" in path:  # stacked experts [E, N, K]: the expert axis, then as a projection
+        lead = lead + ("experts",)
     name, module = path[-1], (path[-2] if len(path) >= 2 else "")
     rank = ndim - len(lead)
-    if module in ("embed_tokens", "lm_head"):
+    if module == "gate" and path[-3:-2] == ("mlp",):  # an MoE's router [E, D]: replicated
+        axes = ("experts", "embed")
+    elif module in ("embed_tokens", "lm_head"):
         axes = ("vocab", "embed")
     elif module in COLUMN_PARALLEL or module in ROW_PARALLEL:
         out, inp = ((COLUMN_PARALLEL[module], "embed") if module in COLUMN_PARALLEL
@@ -134,14 +141,15 @@ def check_tensor_parallel(model, tp: int) -> None:
 
     cfg = model.config
     problems = []
+    mlp = cfg.moe_intermediate_size if cfg.is_moe else cfg.intermediate_size
     for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
-                    ("intermediate size", cfg.intermediate_size), ("vocabulary", cfg.vocab_size)):
+                    ("intermediate size", mlp), ("vocabulary", cfg.vocab_size)):
         if n % tp:
             problems.append(f"{n} {what}")
     if cfg.num_kv_heads % tp:
         sizes = [d for d in range(1, cfg.num_kv_heads + 1)
                  if cfg.num_kv_heads % d == 0 and cfg.num_heads % d == 0
-                 and cfg.intermediate_size % d == 0 and cfg.vocab_size % d == 0]
+                 and mlp % d == 0 and cfg.vocab_size % d == 0]
         raise ValueError(
             f"--tensor-parallel {tp} does not divide the model's {cfg.num_kv_heads} KV heads "
             f"(KV heads are split across devices, never replicated); tensor-parallel sizes "

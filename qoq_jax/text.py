@@ -67,8 +67,12 @@ class StopStrings:
             self.stopped = True
             self._held = ""
             return buf[:min(hits)[0]]
-        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
-                    if s.startswith(buf[len(buf) - k:])), default=0)
+        keep = 0  # the longest end of buf that may begin a stop string (longest first)
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if s.startswith(buf[len(buf) - k:]):
+                    keep = k
+                    break
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
 

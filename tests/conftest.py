@@ -15,3 +15,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(tempfile.gettempdir()) / f"qoq-jax-tests-xla-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on JAX's file lock around every read and write of the cache. Without it an
+# entry is written in place (no lock, no rename), and a worker that loads a program the other one is
+# still writing deserializes half a file: XLA aborts the process ("Fatal Python error: Aborted" in
+# compilation_cache.get_executable_and_time, which crashed xdist workers in CI).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))

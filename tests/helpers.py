@@ -78,6 +78,50 @@ def random_hf_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.08) -> dic
     return out
 
 
+def random_moe_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.05,
+                       router_gain: float = 20.0) -> dict[str, np.ndarray]:
+    """Random weights of a Mixtral / Qwen3-MoE model under the checkpoint's own names (one
+    tensor per expert: block_sparse_moe.experts.{e}.w1/w3/w2, or mlp.experts.{e}.gate/up/
+    down_proj; Qwen3-MoE's q/k norms), without transformers. router_gain: the router's weights
+    are that much larger than the rest, so tokens pick their experts clearly (no near-ties that
+    float summation order could flip)."""
+    rng = np.random.default_rng(seed)
+    d, f, hd = cfg.hidden_size, cfg.moe_intermediate_size, cfg.head_dim
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    mixtral = cfg.architecture == "MixtralForCausalLM"
+    out = {"model.embed_tokens.weight": rand(cfg.vocab_size, d),
+           "lm_head.weight": rand(cfg.vocab_size, d), "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out |= {p + "self_attn.q_proj.weight": rand(cfg.num_heads * hd, d),
+                p + "self_attn.k_proj.weight": rand(cfg.num_kv_heads * hd, d),
+                p + "self_attn.v_proj.weight": rand(cfg.num_kv_heads * hd, d),
+                p + "self_attn.o_proj.weight": rand(d, cfg.num_heads * hd),
+                p + "input_layernorm.weight": np.ones(d, np.float32),
+                p + "post_attention_layernorm.weight": np.ones(d, np.float32)}
+        if cfg.qk_norm:
+            out |= {p + "self_attn.q_norm.weight": 1 + rand(hd), p + "self_attn.k_norm.weight": 1 + rand(hd)}
+        moe = p + ("block_sparse_moe." if mixtral else "mlp.")
+        out[moe + "gate.weight"] = rand(cfg.num_experts, d) * router_gain
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        for e in range(cfg.num_experts):
+            for name, shape in zip(names, ((f, d), (f, d), (d, f))):
+                out[f"{moe}experts.{e}.{name}.weight"] = rand(*shape)
+    return out
+
+
+def make_moe_checkpoint(path: Path, hf: dict, seed: int = 0) -> Path:
+    """An HF-layout MoE checkpoint directory (config.json, random_moe_weights, byte tokenizer)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf))
+    save_safetensors(random_moe_weights(ModelConfig.from_hf_dict(hf), seed), path)
+    write_byte_tokenizer(path)
+    return path
+
+
 def make_tiny_checkpoint(path: Path, name: str, seed: int = 0, **overrides) -> Path:
     hf = {**TINY_CONFIGS[name], **overrides}
     path.mkdir(parents=True, exist_ok=True)
@@ -250,3 +294,53 @@ def numpy_kv4(x, ratios=None):
             cond = better[..., None] if new.ndim == x.ndim else better
             best[i] = np.where(cond, new, best[i])
     return best[0].astype(np.uint8), best[1], best[2], best[3]
+
+
+# The newer families, built by transformers itself in the oracle's interpreter (their HF
+# names and layouts, fused or per expert, are then transformers' own). Sizes fit the W4
+# formats (N and K multiples of 64) and the byte-level tokenizer (vocab 260).
+_FAMILY_COMMON = dict(vocab_size=260, hidden_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=256, eos_token_id=257, pad_token_id=258,
+                      tie_word_embeddings=False)
+FAMILY_CONFIGS = {
+    # per-head q/k norm, no bias, head_dim (32) given apart from hidden / heads
+    "qwen3": dict(_FAMILY_COMMON, model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                  intermediate_size=256, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                  use_sliding_window=False),
+    # fused qkv_proj / gate_up_proj; LongRoPE with a short original context (32), so decoding
+    # crosses from the short factors to the long ones
+    "phi3": dict(_FAMILY_COMMON, model_type="phi3", architectures=["Phi3ForCausalLM"],
+                 intermediate_size=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+                 original_max_position_embeddings=32,
+                 rope_scaling={"type": "longrope",
+                               "short_factor": [1.0 + 0.05 * i for i in range(16)],
+                               "long_factor": [1.0 + 0.5 * i for i in range(16)]}),
+    # 4 experts, top 2, weights always renormalised; saved one tensor per expert (w1/w3/w2)
+    "mixtral": dict(_FAMILY_COMMON, model_type="mixtral", architectures=["MixtralForCausalLM"],
+                    intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                    rope_theta=1000000.0, rms_norm_eps=1e-5, sliding_window=None),
+    # q/k norms and experts; top-2 weights not renormalised (norm_topk_prob false)
+    "qwen3moe": dict(_FAMILY_COMMON, model_type="qwen3_moe",
+                     architectures=["Qwen3MoeForCausalLM"], intermediate_size=256,
+                     moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                     norm_topk_prob=False, head_dim=32, rope_theta=1000000.0,
+                     rms_norm_eps=1e-6, use_sliding_window=False, decoder_sparse_step=1,
+                     mlp_only_layers=[]),
+}
+
+
+def build_family_checkpoints(root: Path, configs: dict[str, dict], extra_jobs=(), seed: int = 0,
+                             std: float = 0.05) -> tuple[dict[str, Path], Path]:
+    """Random-weight checkpoints built and saved by transformers (save_pretrained; sharded with
+    an index file), each with the byte tokenizer, then `extra_jobs` (a function of the model
+    directories -> oracle jobs) in the same oracle run. Returns ({name: dir}, oracle output)."""
+    dirs = {name: root / name for name in configs}
+    jobs = [{"kind": "build", "name": name, "config": cfg, "model": str(dirs[name]),
+             "seed": seed, "std": std, "max_shard_size": "200KB"}
+            for name, cfg in configs.items()]
+    out = run_oracle(jobs + list(extra_jobs(dirs) if callable(extra_jobs) else extra_jobs),
+                     root / "oracle")
+    for d in dirs.values():
+        write_byte_tokenizer(d)
+    return dirs, out

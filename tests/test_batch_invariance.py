@@ -1,7 +1,8 @@
 """Batch invariance on the real default model (a correctness requirement of the engine): a
 request's greedy tokens are the same alone, in a batch of 32 prompts of mixed lengths, and after
-being preempted and recomputed; for the float model and QoQ W4A8 (g128 and per-channel), with the
-16-bit and the KV4 cache.
+being preempted and recomputed, and with a prefix-cache hit (equal to an engine without prefix
+caching); for the float model and QoQ W4A8 (g128 and per-channel), with the 16-bit and the KV4
+cache.
 
 The QoQ models are quantized with a small calibration and without GPTQ's rounding search: those
 change which integers the weights hold, not the runtime path (the same packed formats, INT8
@@ -54,6 +55,23 @@ def _check(model, prompts, kv_cache):
             f"{kv_cache}: prompt {i} ({len(prompts[i])} tokens"
             f"{', preempted' if i in preempted else ''}) differs in a batch")
     assert all(len(r.tokens) == NEW_TOKENS for r in batch)
+    _check_prefix_cache(model, prompts, kv_cache)
+
+
+def _check_prefix_cache(model, prompts, kv_cache):
+    """Prefix caching is exact: requests that share a 200-token system prompt (real text) reuse
+    its pages, and their greedy tokens equal those of an engine without prefix caching."""
+    system = [t for p in prompts for t in p][:200]
+    shared = [system + p[:20] for p in prompts[:4]]
+    params = qoq_jax.SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=())
+    eng = Engine(model, kv_cache=kv_cache, max_slots=4, prefill_chunk=128)
+    first = eng.generate(shared[:1], params)
+    rest = eng.generate(shared[1:], params)
+    assert all(r.cached_tokens >= 192 for r in rest), [r.cached_tokens for r in rest]
+    cold = Engine(model, kv_cache=kv_cache, max_slots=4, prefill_chunk=128,
+                  prefix_caching=False)
+    for r, p in zip(first + rest, shared):
+        assert r.tokens == cold.generate([p], params)[0].tokens, f"{kv_cache}: a hit differs"
 
 
 @pytest.mark.parametrize("kv_cache", ["16bit", "kv4"])

@@ -27,7 +27,8 @@ def test_generate_help_lists_the_options():
     assert r.returncode == 0
     for opt in ("--model", "--prompts-file", "--max-new-tokens", "--temperature", "--top-k",
                 "--top-p", "--seed", "--chat", "--batch-size", "--json", "--dtype", "--kv-cache",
-                "--quantize"):
+                "--quantize", "--no-prefix-caching", "--min-p", "--repetition-penalty",
+                "--presence-penalty", "--frequency-penalty", "--min-tokens"):
         assert opt in r.stdout
 
 
@@ -42,6 +43,9 @@ def test_generate_help_lists_the_options():
     (["--max-new-tokens", "2.5"], "--max-new-tokens: '2.5' is not an integer"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
     (["--batch-size", "0"], "--max-slots: must be >= 1"),
+    (["--min-p", "1.5"], "--min-p: must be in [0.0, 1.0], got 1.5"),
+    (["--repetition-penalty", "0"], "--repetition-penalty: must be in (0.0, 100.0]"),
+    (["--presence-penalty", "-3"], "--presence-penalty: must be in [-2.0, 2.0]"),
 ])
 def test_generate_refuses_bad_numbers_with_one_line(args, message):
     r = run("-m", "qoq_jax.generate", "--prompt", "hi", *args)
@@ -71,8 +75,41 @@ def test_serve_help_lists_the_options():
     r = run("-m", "qoq_jax.serve", "--help")
     assert r.returncode == 0
     for opt in ("--model", "--host", "--port", "--api-key", "--max-slots", "--num-pages",
-                "--max-queue", "--kv-cache", "--warmup"):
+                "--max-queue", "--kv-cache", "--warmup", "--no-prefix-caching"):
         assert opt in r.stdout
+
+
+def test_generate_shares_prompt_prefixes_unless_told_not_to(tmp_path, capsys):
+    from helpers import make_tiny_quant_checkpoint
+
+    from qoq_jax import generate
+
+    ckpt = make_tiny_quant_checkpoint(tmp_path / "m", "llama", seed=3)
+    prompt = "one system prompt shared by every request, long enough for pages " * 3
+    args = ["--model", str(ckpt), "--prompt", prompt + "first", "--prompt", prompt + "second",
+            "--max-new-tokens", "3", "--json"]
+    outputs = {}
+    for extra in ([], ["--no-prefix-caching"]):
+        assert generate.main(args + extra) == 0
+        out, err = capsys.readouterr()
+        outputs[bool(extra)] = [json.loads(line)["token_ids"] for line in out.splitlines()]
+        cached = int(err.split(" prompt tokens from the prefix cache")[0].rsplit(" ", 1)[-1])
+        if extra:
+            assert cached == 0 and "(off)" in err, err
+        else:
+            assert cached >= 16, err
+    assert outputs[False] == outputs[True]
+    # the sampling flags reach the engine: the same tokens as LLM.generate with those params
+    import qoq_jax
+
+    flags = ["--repetition-penalty", "3", "--frequency-penalty", "1.5", "--min-tokens", "2"]
+    assert generate.main(args[:4] + ["--max-new-tokens", "6", "--json", *flags]) == 0
+    got = json.loads(capsys.readouterr()[0].splitlines()[0])["token_ids"]
+    llm = qoq_jax.load(ckpt)
+    want = llm.generate(prompt + "first", max_new_tokens=6, repetition_penalty=3,
+                        frequency_penalty=1.5, min_tokens=2)[0].token_ids
+    assert got == want
+    assert want != llm.generate(prompt + "first", max_new_tokens=6)[0].token_ids
 
 
 def test_generate_with_a_missing_model_path(tmp_path):

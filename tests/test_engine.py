@@ -1,6 +1,8 @@
 """The serving engine on tiny random models: in-flight batching, chunked prefill, preemption,
 batch invariance, streaming, cancellation, log-probabilities, compilation and bad requests."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -514,3 +516,96 @@ def test_the_cpu_route_computes_what_the_packed_gemm_does(tmp_path):
         eng = _engine(qmodel, kv_cache="kv4", page_size=8)
         names = {str(p[-1]) for p, _ in nnx.to_flat_state(eng.runner.params)}
         assert "int8_weight" in names and "qweight" not in names
+
+
+# ----------------------------------------------------------------------------------------------
+# prefix caching
+
+
+def _shared_prefix_prompts(n, seed=40, prefix_len=50):
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(3, 100, prefix_len).tolist()
+    return [prefix + rng.integers(3, 100, int(rng.integers(1, 12))).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["16bit", "kv4"])
+def test_a_prefix_cache_hit_gives_the_cold_tokens(model, kind):
+    """Requests sharing a 50-token prefix: after the first, each reuses its 6 full pages and
+    prefills only the rest (the cached part ends mid-chunk); their greedy tokens are the ones
+    an engine without prefix caching gives."""
+    prompts = _shared_prefix_prompts(5)
+    cold = _engine(model, kv_cache=kind, prefix_caching=False)
+    want = [cold.generate([p], GREEDY)[0].tokens for p in prompts]
+    eng = _engine(model, kv_cache=kind)
+    first = eng.generate(prompts[:1], GREEDY)
+    rest = eng.generate(prompts[1:], GREEDY)
+    assert [r.tokens for r in first + rest] == want
+    assert first[0].cached_tokens == 0 and all(r.cached_tokens == 48 for r in rest)
+    stats = eng.prefix_cache_stats
+    assert stats["cached_tokens"] == 4 * 48 and stats["cached_pages"] >= 6
+    assert cold.prefix_cache_stats["cached_tokens"] == 0
+
+
+def test_samples_of_one_prompt_compute_it_once(model):
+    """Several requests of one prompt submitted together: the first computes the prompt, the
+    others wait one step and share every page but the last one's."""
+    prompt = _shared_prefix_prompts(1)[0]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, stop_token_ids=())
+    eng = _engine(model)
+    out = eng.generate([prompt] * 4, [dataclasses.replace(params, seed=i) for i in range(4)])
+    full = (len(prompt) - 1) // 8 * 8
+    assert [r.cached_tokens for r in out] == [0, full, full, full]
+    assert eng.stats["prompt_tokens"] == len(prompt) + 3 * (len(prompt) - full)
+    cold = _engine(model, prefix_caching=False)
+    for i, r in enumerate(out):  # sampled tokens too: the same K/V, the same seeds
+        assert r.tokens == cold.generate([prompt], dataclasses.replace(params, seed=i))[0].tokens
+
+
+def test_shared_pages_survive_preemption_and_cancellation_and_nothing_leaks(model):
+    """A pool far too small: sequences that share pages are preempted, cancelled, recomputed;
+    every output equals a roomy cold engine's, and once everything ends and the cache is
+    cleared every page is free again."""
+    prompts = _shared_prefix_prompts(10, seed=41, prefix_len=30)
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=())
+    roomy = _engine(model, prefix_caching=False)
+    want = [roomy.generate([p], params)[0].tokens for p in prompts]
+    tight = _engine(model, num_pages=16)
+    rids = [tight.submit(p, params) for p in prompts]
+    doomed = rids[3]
+    for _ in range(3):
+        tight.step()
+    tight.cancel(doomed)
+    tight.run(lambda: all(tight.finished(r) for r in rids))
+    assert tight.stats["preemptions"] > 0 and tight.stats["cached_prompt_tokens"] > 0
+    for rid, w in zip(rids, want):
+        r = tight.result(rid)
+        if rid == doomed:
+            assert r.finish_reason == "abort"
+        else:
+            assert r.tokens == w
+    assert tight.allocator.num_used == 0
+    tight.clear_prefix_cache()
+    assert tight.allocator.num_free == tight.num_pages - 1 and tight.allocator.num_cached == 0
+
+
+def test_quantized_models_hit_exactly(tmp_path):
+    """QoQ formats (g128 and per-channel, W4A8 with the KV4 cache): a hit gives the cold tokens."""
+    from helpers import make_tiny_quant_checkpoint
+
+    from qoq_jax.convert import quantize
+    from qoq_jax.loading import load_source
+    from qoq_jax.quant.config import QuantConfig
+
+    src = make_tiny_quant_checkpoint(tmp_path / "q", "llama", seed=1)
+    cfg, weights, tok, _ = load_source(str(src))
+    rng = np.random.default_rng(3)
+    prefix = rng.integers(3, 250, 40).tolist()
+    prompts = [prefix + rng.integers(3, 250, 5).tolist() for _ in range(3)]
+    for fmt in ("g128", "per-channel"):
+        qmodel, _ = quantize(cfg, weights, tok, QuantConfig(method="rtn", weight_format=fmt),
+                             dtype="float32", progress=False)
+        cold = _engine(qmodel, kv_cache="kv4", prefix_caching=False)
+        eng = _engine(qmodel, kv_cache="kv4")
+        got = [eng.generate([p], GREEDY)[0] for p in prompts]
+        assert [r.tokens for r in got] == [cold.generate([p], GREEDY)[0].tokens for p in prompts]
+        assert got[-1].cached_tokens == 40

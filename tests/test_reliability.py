@@ -727,3 +727,27 @@ def test_fuzz_the_numeric_flags_of_perplexity(tmp_path, calib):
         assert_main_fails(main, [*base, flag, value], f"argument {flag}: {message}")
     r = perplexity_cli("--seq-len", "1")
     assert_fails(r, "error: argument --seq-len: must be >= 2, got 1", code=2)
+
+
+SERVE_FLAGS = ["--header-timeout", "--keep-alive-timeout", "--body-timeout", "--drain-timeout",
+               "--max-tokens-default", "--max-connections", "--max-header-bytes",
+               "--max-body-bytes"]
+
+
+def test_fuzz_the_limit_and_timeout_flags_of_serve(tmp_path):
+    """The server's limits and timeouts (issue #30): a bad value is one line naming the flag,
+    before any model is read."""
+    from qoq_jax.serve import main
+
+    base = ["--model", str(tmp_path / "no-model")]
+    for flag in SERVE_FLAGS:
+        for value in FUZZ:
+            line = assert_main_fails(main, [*base, f"{flag}={value}"])
+            assert f"argument {flag}:" in line or "no model at" in line, line
+    for flag, value, message in [("--drain-timeout", "0", "must be in (0, 86400], got 0.0"),
+                                 ("--body-timeout", "nan", "must be a finite number"),
+                                 ("--header-timeout", "-1", "must be in (0, 86400]"),
+                                 ("--max-tokens-default", "0", "must be >= 1, got 0"),
+                                 ("--max-header-bytes", "100", "must be >= 1024, got 100"),
+                                 ("--allowed-hosts", ",", "give at least one host name")]:
+        assert_main_fails(main, [*base, flag, value], f"argument {flag}: {message}")

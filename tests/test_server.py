@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from helpers import REPO, make_tiny_quant_checkpoint
 
@@ -182,7 +183,8 @@ BAD = [
     ("huge max_tokens", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400),
     ("temperature too high", {"model": MODEL, "prompt": "x", "temperature": 7}, 400),
     ("top_p zero", {"model": MODEL, "prompt": "x", "top_p": 0}, 400),
-    ("n=2", {"model": MODEL, "prompt": "x", "n": 2}, 400),
+    ("n=0", {"model": MODEL, "prompt": "x", "n": 0}, 400),
+    ("n too large", {"model": MODEL, "prompt": "x", "n": 129}, 400),
     ("prompt over the context", {"model": MODEL, "prompt": "word " * 600}, 400),
     ("bad token id", {"model": MODEL, "prompt": [1, 2, 99999]}, 400),
     ("logprobs too many", {"model": MODEL, "prompt": "x", "logprobs": 9}, 400),
@@ -266,6 +268,59 @@ def test_models_health_and_metrics(server):
     assert float(gen[0].split()[-1]) > 0
 
 
+LONG = "a shared system prompt that is long enough to fill a few KV pages " * 4
+
+
+def test_n_choices_sample_one_prompt_whose_pages_are_computed_once(server, llm, reference):
+    client = _client(server)
+    n_prompt = len(llm.encode(LONG))
+    computed0 = llm.engine.stats["prompt_tokens"]
+    r = client.completions.create(model=MODEL, prompt=LONG, max_tokens=8, temperature=2.0,
+                                  seed=5, n=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for i, c in enumerate(r.choices):  # choice i samples with seed + i
+        assert c.text == reference.generate(LONG, max_new_tokens=8, temperature=2.0, seed=5 + i,
+                                            stop_token_ids=())[0].text
+    # (this tiny model is too peaked for the seeds to show: the seeds themselves are checked)
+    from qoq_jax.server.protocol import CompletionRequest
+
+    req = CompletionRequest(model=MODEL, prompt="x", n=3, seed=2**32 - 2)
+    assert [req.sampling_params(100, 1, i).seed for i in range(3)] == [2**32 - 2, 2**32 - 1, 0]
+    assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == 24
+    # the prompt's full pages were computed once, for the first choice
+    full = (n_prompt - 1) // 16 * 16
+    assert llm.engine.stats["prompt_tokens"] - computed0 <= 3 * n_prompt - 2 * full
+    assert llm.engine.allocator.num_used == 0
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=5, n=2, stream=True,
+        stream_options={"include_usage": True}, messages=[{"role": "user", "content": LONG}]))
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    want = reference.generate(LONG, chat=True, max_new_tokens=5)[0].text
+    assert texts == {0: want, 1: want}  # greedy: both choices the same text
+    assert chunks[-1].usage.prompt_tokens == len(llm.encode(LONG, chat=True))
+
+
+def test_usage_reports_cached_prompt_tokens_and_metrics_the_hit_rate(server, llm):
+    client = _client(server)
+    prompt = "cache me: " + LONG
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    n = len(llm.encode(prompt))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16 > 0
+    assert again.choices[0].text == first.choices[0].text
+    text = httpx.get(server.url + "/metrics").text
+    values = {ln.split()[0]: float(ln.split()[-1]) for ln in text.splitlines()
+              if ln and not ln.startswith("#")}
+    assert 0 < values["qoq_prefix_cache_hit_rate"] < 1
+    assert values["qoq_prefix_cache_pages"] >= (n - 1) // 16
+    assert values["qoq_prompt_tokens_cached_total"] >= (n - 1) // 16 * 16
+
+
 def test_api_key(ckpt):
     llm = qoq_jax.load(ckpt, **ENGINE)
     srv = Server(create_app(llm, model_name=MODEL, api_key="s3cret"))
@@ -309,6 +364,8 @@ def test_full_queue_answers_429(ckpt):
 
 
 def test_sigterm_drains_running_requests_then_exits(ckpt):
+    """The real signal: the drain answers 503 (not connection refused), lets the stream
+    finish, then the process exits with 0."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "qoq_jax.serve", "--model", str(ckpt),
@@ -327,11 +384,22 @@ def test_sigterm_drains_running_requests_then_exits(ckpt):
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         chunks = []
         with httpx.stream("POST", url + "/v1/completions", timeout=120, json={
-                "model": name, "prompt": "drain me", "max_tokens": 120, "stream": True,
+                "model": name, "prompt": "drain me", "max_tokens": 400, "stream": True,
                 "temperature": 0, "ignore_eos": True}) as r:
             lines = r.iter_lines()
             chunks.append(next(lines))
             proc.send_signal(signal.SIGTERM)
+            # during the drain the port stays open: /health says draining, new requests 503
+            deadline = time.time() + 10
+            while httpx.get(url + "/health", timeout=5).status_code == 200:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            health = httpx.get(url + "/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            refused = httpx.post(url + "/v1/completions", timeout=5,
+                                 json={"model": name, "prompt": "late", "max_tokens": 2})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "draining"
             for line in lines:
                 chunks.append(line)
         chunks = [c for c in chunks if c]
@@ -343,3 +411,113 @@ def test_sigterm_drains_running_requests_then_exits(ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------
+# the OpenAI surface (#25): sampling parameters, echo and prompt logprobs, token prompts,
+# /tokenize, /detokenize, /v1/responses
+
+def test_sampling_parameters_reach_the_engine(server, llm, reference):
+    client = _client(server)
+    prompt = "the sampling parameters: "
+    extra = {"repetition_penalty": 3.0, "min_p": 0.1, "top_k": 5, "min_tokens": 3,
+             "ignore_eos": True}
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.7,
+                                  seed=9, presence_penalty=1.0, frequency_penalty=0.5,
+                                  logit_bias={"101": 5.0}, extra_body=extra)
+    want = reference.generate(prompt, max_new_tokens=8, temperature=0.7, seed=9,
+                              presence_penalty=1.0, frequency_penalty=0.5,
+                              logit_bias={101: 5.0}, repetition_penalty=3.0, min_p=0.1,
+                              top_k=5, min_tokens=3, stop_token_ids=())[0]
+    assert r.choices[0].text == want.text
+    forced = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                       logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == "*" * 5  # token 42 of the byte tokenizer
+    chat = client.chat.completions.create(
+        model=MODEL, max_completion_tokens=4, temperature=0, logit_bias={"43": 100},
+        messages=[{"role": "user", "content": "hi"}], extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == "+" * 4
+
+
+def test_echo_with_logprobs_equals_the_engines_scoring(server, llm, reference):
+    from qoq_jax.eval.scoring import score
+
+    client = _client(server)
+    prompt = "score this text, token by token, please"
+    ids = llm.encode(prompt)
+    want = score(reference.engine, np.asarray([ids]))[0]
+    for max_tokens in (0, 1):  # lm-evaluation-harness sends 1 and drops the last entry
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                      temperature=0, echo=True, logprobs=1)
+        c = r.choices[0]
+        assert c.text.startswith(prompt) and len(c.logprobs.token_logprobs) == len(ids) + max_tokens
+        assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+        np.testing.assert_allclose(c.logprobs.token_logprobs[1:len(ids)], want, atol=1e-5)
+        assert all(len(t) == 1 for t in c.logprobs.top_logprobs[1:])
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == max_tokens
+    # several prompts as token ids in one request, prompt-major choices
+    other = llm.encode("a second prompt")
+    r = client.completions.create(model=MODEL, prompt=[ids, other], max_tokens=2, n=2,
+                                  temperature=0, echo=True, logprobs=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text.startswith(llm.tokenizer.decode(ids))
+    assert r.choices[2].text.startswith(llm.tokenizer.decode(other))
+    assert r.usage.prompt_tokens == len(ids) + len(other) and r.usage.completion_tokens == 8
+    np.testing.assert_allclose(r.choices[1].logprobs.token_logprobs[1:len(ids)], want,
+                               atol=1e-5)
+    # vLLM's prompt_logprobs: the prompt token and the most likely ones, by id
+    raw = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": 2}).json()
+    plp = raw["choices"][0]["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    for j, entry in enumerate(plp[1:], start=1):
+        assert entry[str(ids[j])]["logprob"] == pytest.approx(float(want[j - 1]), abs=1e-5)
+        assert sum(e["rank"] in (1, 2) for e in entry.values()) == 2
+    stream = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0,
+                                            echo=True, logprobs=1, stream=True))
+    assert "".join(ch.choices[0].text for ch in stream) == llm.tokenizer.decode(ids)
+    assert stream[0].choices[0].logprobs.token_logprobs[0] is None
+    assert stream[-1].choices[0].finish_reason == "length"
+
+
+def test_tokenize_detokenize_and_the_models_context(server, llm):
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "hello"}).json()
+    assert r["tokens"] == llm.encode("hello") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == llm.engine.max_context
+    chat = httpx.post(server.url + "/tokenize",
+                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == llm.encode("hi", chat=True)
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == llm.tokenizer.decode(r["tokens"])
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [1, 10**6]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+    both = httpx.post(server.url + "/tokenize", json={"prompt": "x", "messages": []})
+    assert both.status_code == 400 and "exactly one of prompt and messages" in both.text
+    models = _client(server).models.list()
+    assert models.data[0].model_extra["max_model_len"] == llm.engine.max_context
+
+
+def test_the_responses_api_through_the_openai_client(server, llm, reference):
+    client = _client(server)
+    want = reference.generate("What is up?", chat=True, max_new_tokens=6, temperature=0)[0]
+    r = client.responses.create(model=MODEL, input="What is up?", max_output_tokens=6,
+                                temperature=0)
+    assert r.output_text == want.text and r.object == "response"
+    assert r.usage.input_tokens == len(llm.encode("What is up?", chat=True))
+    assert r.usage.output_tokens == len(want.token_ids)
+    assert r.status == ("incomplete" if want.finish_reason == "length" else "completed")
+    events = list(client.responses.create(
+        model=MODEL, input=[{"role": "user", "content": "What is up?"}], max_output_tokens=6,
+        temperature=0, stream=True, instructions=None))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == want.text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with_instructions = client.responses.create(model=MODEL, input="What is up?",
+                                                instructions="Be brief.", max_output_tokens=3,
+                                                temperature=0)
+    assert with_instructions.usage.input_tokens == len(llm.encode_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is up?"}]))

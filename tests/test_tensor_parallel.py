@@ -24,8 +24,9 @@ from qoq_jax.model import Transformer
 
 
 def test_multidevice_suite():
-    """TP = 1, 2, 4 agree (float and W4A8 g128 / per-channel models, 16-bit and KV4 caches),
-    the per-shard W4A8 epilogue math, sharded loading: tests/multidevice on 8 CPU devices."""
+    """TP = 1, 2, 4 agree (float and W4A8 g128 / per-channel models, 16-bit and KV4 caches,
+    a mixture-of-experts model with float and W4A8 experts), the per-shard W4A8 epilogue math,
+    sharded loading: tests/multidevice on 8 CPU devices."""
     env = {**os.environ, "QOQ_MULTIDEVICE": "1",
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "")
                          + " --xla_force_host_platform_device_count=8").strip()}

@@ -7,7 +7,8 @@ generation does. Uses only the engine's public parts: its runner, allocator and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def score(engine, windows: np.ndarray, *, progress: Callable[[int], None] | None
                 table[i, :len(pages)] = pages
             for c0 in range(0, t, chunk):
                 c = min(chunk, t - c0)
-                lp = runner.score(*_chunk_batch(rows, table, c0, c))
+                lp = runner.score(*_chunk_batch(rows, table, c0, c)).logprob
                 lp = np.asarray(lp)[:b * c].reshape(b, c)
                 keep = min(c, t - 1 - c0)  # the last token of a window predicts nothing
                 out[lo:lo + b, c0:c0 + keep] = lp[:, :keep]
@@ -90,3 +91,58 @@ def _chunk_batch(rows: np.ndarray, table: np.ndarray, c0: int, c: int):
                        q_len=np.full((s,), c, np.int32),
                        kv_len=np.full((s,), c0 + c, np.int32), page_table=table)
     return batch, targets
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Of each token of a prompt given the tokens before it: its log-probability (None for the
+    first token, which nothing predicts) and the n most likely tokens at its place, as
+    (id, log-probability) pairs (empty for the first)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+
+
+def prompt_logprobs(engine, token_ids: Sequence[int], n_top: int = 0) -> PromptLogprobs:
+    """Teacher-forced log-probabilities of one prompt (what OpenAI's `echo` with `logprobs`
+    and vLLM's `prompt_logprobs` report), through the engine's score program.
+
+    Unlike score(), it does not need an idle engine: call it from the thread that steps the
+    engine, between steps (Engine does, for submit_prompt_logprobs). Its pages are borrowed
+    from the free ones and returned; QueueFullError if too few are free now."""
+    from qoq_jax.errors import ContextLengthError, QueueFullError
+    from qoq_jax.pages import OutOfPagesError
+
+    ids = np.asarray(token_ids, np.int32)
+    t = len(ids)
+    if t == 0:
+        raise ValueError("the prompt is empty")
+    if t > engine.max_context:
+        raise ContextLengthError(f"the prompt has {t} tokens, more than the engine's context "
+                                 f"of {engine.max_context}")
+    runner, allocator = engine.runner, engine.allocator
+    runner.allocate()
+    owner = -1 - (1 << 40)  # never a request id, nor one of score()'s owners
+    try:
+        pages = allocator.ensure(owner, t)
+    except OutOfPagesError:
+        raise QueueFullError(f"too few free KV-cache pages to score {t} prompt tokens now; "
+                             f"try again later") from None
+    logprobs: list[float | None] = [None]
+    top: list[list[tuple[int, float]]] = [[]]
+    try:
+        table = np.full((1, engine.max_pages_per_seq), SCRATCH_PAGE, np.int32)
+        table[0, :len(pages)] = pages
+        chunk = max(16, min(engine.prefill_chunk, LOGITS_BYTES // (4 * engine.model_config.vocab_size)))
+        for c0 in range(0, t, chunk):
+            c = min(chunk, t - c0)
+            out = runner.score(*_chunk_batch(ids[None], table, c0, c), n_top=n_top)
+            lp, top_ids, top_lp = (np.asarray(a) for a in (out.logprob, out.top_ids,
+                                                           out.top_logprobs))
+            for j in range(min(c, t - 1 - c0)):  # position j predicts token c0 + j + 1
+                logprobs.append(float(lp[j]))
+                top.append([(int(i), float(v)) for i, v in zip(top_ids[j], top_lp[j])])
+    finally:
+        allocator.free(owner)
+    return PromptLogprobs([int(x) for x in ids], logprobs, top)

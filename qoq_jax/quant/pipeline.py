@@ -19,6 +19,10 @@
    code calibrates each block on the transformed, not yet quantized, network; the transforms
    preserve the function, so the outputs are the transformed layer's), or with
    quantized_inputs the outputs of the layer with its new W4 weights (one more forward).
+A mixture-of-experts layer goes through the same steps with its experts in place of the MLP
+(quant/experts.py): each expert's input rotated as the MLP's (the 16-bit router rotated with
+them), up->down smoothing, reordering, clipping and GPTQ per expert on the calibration tokens
+routed to it; an expert no calibration token reached is quantized by RTN.
 Only one layer's weights and activations are held at a time. The result is a flat mapping of
 Hugging Face-style names to arrays: float tensors (embeddings, norms, lm_head, biases) and, per
 projection, the packed format fields (``...q_proj.qweight``, ``.s1``, ``.s2``, ``.szero`` or
@@ -36,19 +40,33 @@ import numpy as np
 
 from pallas_kernels import packing
 from qoq_jax.config import ModelConfig
+from qoq_jax.hf import canonical_weights
 from qoq_jax.kv_cache import kv_range_ratios
-from qoq_jax.quant import gptq, search, transforms
+from qoq_jax.quant import experts, gptq, search, transforms
 from qoq_jax.quant.calibration import HESSIAN_OF, LINEAR_NAMES, run_layer
 from qoq_jax.quant.clipping import clip_ratios, search_group, search_per_channel
 from qoq_jax.quant.config import QuantConfig
 from qoq_jax.quant.hadamard import rotation_matrix
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3's per-head norms
+
+
+def layer_norms(cfg: ModelConfig) -> tuple[str, ...]:
+    return NORMS + (QK_NORMS if cfg.qk_norm else ())
+
+
+def linear_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The layer's dense projections quantized one by one (an MoE layer: attention's; its
+    experts go through quant/experts.py)."""
+    return tuple(n for n in LINEAR_NAMES if not (cfg.is_moe and n.startswith("mlp.")))
 
 
 def layer_weight_names(cfg: ModelConfig) -> list[str]:
-    names = [n + ".weight" for n in LINEAR_NAMES] + [n + ".weight" for n in NORMS]
-    for n in LINEAR_NAMES:
+    names = [n + ".weight" for n in linear_names(cfg)] + [n + ".weight" for n in layer_norms(cfg)]
+    if cfg.is_moe:  # the router and the stacked experts
+        names += ["mlp.gate.weight"] + [n + ".weight" for n in experts.EXPERT_LINEARS]
+    for n in linear_names(cfg):
         is_qkv = n in transforms.IN_LINEARS_ATTN
         if (is_qkv and cfg.qkv_bias) or (n == "self_attn.o_proj" and cfg.o_bias) or (
                 n.startswith("mlp.") and cfg.mlp_bias):
@@ -80,9 +98,11 @@ class QuantReport:
         return cls(dict(d.get("formats", {})), [dict(x) for x in d.get("layers", [])])
 
     def describe(self, i: int) -> str:
-        """One line for layer i: its searched choices."""
+        """One line for layer i: its searched choices (and its experts', for MoE)."""
         parts = [f"{k} {v[0]:.2f}/{v[1]:.2f}" if isinstance(v, (list, tuple)) else f"{k} {v:.2f}"
-                 for k, v in self.layers[i].items()]
+                 for k, v in self.layers[i].items() if k != "experts"]
+        if "experts" in self.layers[i]:
+            parts.append(experts.describe(self.layers[i]["experts"]))
         return f"layer {i}: " + (", ".join(parts) if parts else "no search")
 
 
@@ -148,6 +168,7 @@ class _Layer:
     qkv_input: np.ndarray | None  # captured q/k/v_proj input (for the q/k clipping search)
     choices: dict[str, Any]
     inputs: np.ndarray | None = None  # the layer's calibration inputs [S, T, D]
+    expert_tokens: np.ndarray | None = None  # MoE: calibration rows routed to each expert
     # Set by the consumer before asking for the next layer: the next layer's calibration
     # inputs (the outputs of this layer with its weights quantized); None: the float outputs.
     next_inputs: np.ndarray | None = None
@@ -157,7 +178,7 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
     """SmoothAttention, then v->o and up->down smoothing, each searched or fixed. Returns the
     weights and the lambdas that now divide o_proj's and down_proj's inputs (ones if off)."""
     lam_o = np.ones(cfg.num_heads * cfg.head_dim)
-    lam_d = np.ones(cfg.intermediate_size)
+    lam_d = np.ones(cfg.intermediate_size)  # (MoE: per expert, in quant/experts.py)
     fmt = qcfg.weight_format
     steps = qcfg.search_grid
     cap = stats.captured
@@ -189,7 +210,7 @@ def _smooth(w: dict, cfg: ModelConfig, qcfg: QuantConfig, stats, choices: dict):
          "mlp.down_proj", "down_in"))
     lams = {"smooth_out": lam_o, "smooth_down": lam_d}
     for on, name, lambda_of, apply, consumer, inputs in outputs:
-        if not on:
+        if not on or (cfg.is_moe and name == "smooth_down"):
             continue
         ab = (qcfg.smooth_alpha, qcfg.smooth_beta)
         if qcfg.search_smoothing:
@@ -217,7 +238,9 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
             w = transforms.rotate_layer(w, rot)
         if qcfg.rotate_v:
             w = transforms.rotate_v_heads(w, cfg, rotation_matrix(cfg.head_dim))
-        hessians, qkv_input, choices = None, None, {}
+        hessians, qkv_input, choices, expert_tokens = None, None, {}, None
+        if cfg.is_moe and x is None:  # no calibration (RTN): the report still lists experts
+            choices["experts"] = [{"tokens": None} for _ in range(cfg.num_experts)]
         if x is not None:
             x_next, stats = run_layer(w, cfg, x, hessians=want_hessians, capture=capture)
             w, lam_o, lam_d = _smooth(w, cfg, qcfg, stats, choices)
@@ -226,12 +249,17 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
             # o_proj / down_proj inputs are the ones measured, divided by lambda per channel:
             # their maxima and Hessians follow without running the layer a second time. The
             # q/k/v and gate/up inputs (RMSNorm outputs) do not change at all.
-            o_absmax, down_absmax = stats.o_absmax / lam_o, stats.down_absmax / lam_d
+            o_absmax = stats.o_absmax / lam_o
+            down_absmax = None if cfg.is_moe else stats.down_absmax / lam_d
             hessians = stats.hessians
             if hessians is not None:
                 hessians["o"] = hessians["o"] / np.outer(lam_o, lam_o)
-                hessians["down"] = hessians["down"] / np.outer(lam_d, lam_d)
-            if qcfg.reorder:
+                if not cfg.is_moe:
+                    hessians["down"] = hessians["down"] / np.outer(lam_d, lam_d)
+            if cfg.is_moe:  # up->down smoothing and reordering per expert
+                w, choices["experts"] = experts.smooth_and_reorder(w, stats, qcfg, hessians)
+                expert_tokens = stats.expert_tokens
+            elif qcfg.reorder:
                 w, perm = transforms.reorder_down(w, down_absmax)
                 if hessians is not None:  # the same permutations, applied to the Hessians
                     hessians["down"] = hessians["down"][perm][:, perm]
@@ -241,7 +269,8 @@ def _transformed_layers(cfg: ModelConfig, weights, qcfg: QuantConfig, rot, embed
                     o_idx = (np.arange(cfg.num_heads)[:, None] * cfg.head_dim
                              + np.repeat(perms, cfg.q_per_kv, axis=0)).reshape(-1)
                     hessians["o"] = hessians["o"][o_idx][:, o_idx]
-        layer = _Layer(i, w, hessians, qkv_input, choices, inputs=x)
+        layer = _Layer(i, w, hessians, qkv_input, choices, inputs=x,
+                       expert_tokens=expert_tokens)
         yield layer
         if x is not None:
             x = x_next if layer.next_inputs is None else layer.next_inputs
@@ -255,6 +284,7 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
 
     if qcfg.needs_calibration and calib_tokens is None:
         raise ValueError(f"method {qcfg.method!r} with these steps needs calibration tokens")
+    weights = canonical_weights(cfg, weights)
     report = QuantReport()
     rot = rotation_matrix(cfg.hidden_size) if qcfg.rotate else None
     out, qcfg_model = _transformed_ends(cfg, weights, rot)
@@ -276,7 +306,7 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
         if layer.choices and progress:
             bar.write(report.describe(layer.index))
         formats = {}
-        for name in LINEAR_NAMES:
+        for name in linear_names(cfg):
             h = None if layer.hessians is None else layer.hessians[HESSIAN_OF[name]]
             fmt = formats[name] = quantize_linear(w[name + ".weight"], qcfg, h,
                                                   ratio_of.get(name))
@@ -286,7 +316,16 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
                 out[f"{prefix}{name}.{field}"] = np.asarray(value)
             if name + ".bias" in w:
                 out[f"{prefix}{name}.bias"] = w[name + ".bias"].astype(np.float32)
-        for norm in NORMS:
+        if cfg.is_moe:  # the router stays 16-bit; the experts one by one, stacked
+            out[f"{prefix}mlp.gate.weight"] = w["mlp.gate.weight"].astype(np.float32)
+            per_expert = experts.quantize_experts(w, qcfg, layer.hessians, layer.expert_tokens,
+                                                  quantize_linear)
+            for name, fmts in per_expert.items():
+                report.formats[name] = qcfg.weight_format.for_input_size(
+                    w[name + ".weight"].shape[2]).value
+                for field, value in experts.stacked_fields(fmts).items():
+                    out[f"{prefix}{name}.{field}"] = value
+        for norm in layer_norms(cfg):
             out[f"{prefix}{norm}.weight"] = w[norm + ".weight"].astype(np.float32)
         if "self_attn.key_scale" in w:
             out[f"{prefix}self_attn.key_scale"] = w["self_attn.key_scale"].astype(np.float32)
@@ -295,6 +334,8 @@ def quantize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray], qcfg: 
             # its W4 weights, so its rounding can make up for this layer's error.
             wq = dict(w) | {n + ".weight": packing.dequantize(f).astype(np.float64)
                             for n, f in formats.items()}
+            if cfg.is_moe:
+                wq |= {n + ".weight": experts.dequantized(f) for n, f in per_expert.items()}
             layer.next_inputs, _ = run_layer(wq, cfg, layer.inputs)
     return out, qcfg_model, report
 
@@ -304,6 +345,7 @@ def transformed_float_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray
                               ) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """The float model after QoQ's function-preserving transforms only (rotation, smoothing,
     reordering), in HF names: it must compute the same logits as the original (tests check)."""
+    weights = canonical_weights(cfg, weights)
     rot = rotation_matrix(cfg.hidden_size) if qcfg.rotate else None
     out, new_cfg = _transformed_ends(cfg, weights, rot)
     new_cfg = _served(new_cfg, qcfg)

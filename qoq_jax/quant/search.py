@@ -38,8 +38,8 @@ from jax import lax
 
 from pallas_kernels.kv4 import RANGE_RATIOS
 from pallas_kernels.packing import WeightFormat
-from qoq_jax.config import ModelConfig, rope_inv_freq
-from qoq_jax.layers import apply_rope, rope_cos_sin
+from qoq_jax.config import ModelConfig
+from qoq_jax.layers import apply_rope, model_rope, rms_norm
 from qoq_jax.quant import fake
 from qoq_jax.quant.calibration import causal_attention
 from qoq_jax.quant.transforms import attention_lambda
@@ -120,31 +120,35 @@ def search_output_smoothing(x: np.ndarray, w: np.ndarray, lambda_of, fmt: Weight
 # q/k_proj clipping on the attention output (per-channel weights)
 
 
-def _project(h, w, b, heads, hd):
+def _project(h, w, b, heads, hd, norm=None, eps=0.0):
     y = h @ w.T
     if b is not None:
         y = y + b
-    return y.reshape(*h.shape[:-1], heads, hd)
+    y = y.reshape(*h.shape[:-1], heads, hd)
+    return y if norm is None else rms_norm(y, norm, eps)  # Qwen3's per-head q/k norm
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "which", "kv_ratios"))
-def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, key_scale, ratio_other, ratios, cfg: ModelConfig,
-                    which: str, kv_ratios):
+def _qk_clip_errors(h, wq, bq, wk, bk, wv, bv, q_norm, k_norm, key_scale, ratio_other, ratios,
+                    cfg: ModelConfig, which: str, kv_ratios):
     s, t, _ = h.shape
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    cos, sin = rope_cos_sin(jnp.arange(t)[None, :], rope_inv_freq(cfg))
-    q = apply_rope(_project(h, wq, bq, hq, hd), cos, sin)
-    k = apply_rope(_project(h, wk, bk, hkv, hd), cos, sin)
+    cos, sin = model_rope(cfg, jnp.arange(t)[None, :])
+    eps = cfg.rms_norm_eps
+    q = apply_rope(_project(h, wq, bq, hq, hd, q_norm, eps), cos, sin)
+    k = apply_rope(_project(h, wk, bk, hkv, hd, k_norm, eps), cos, sin)
     v = _project(h, wv, bv, hkv, hd)
     ref = causal_attention(q, k, v)
     hq8 = fake.int8_per_token(h)
 
     def q_of(r):
-        return apply_rope(_project(hq8, fake.w4_per_channel(wq, r), bq, hq, hd), cos, sin)
+        return apply_rope(_project(hq8, fake.w4_per_channel(wq, r), bq, hq, hd, q_norm, eps),
+                          cos, sin)
 
     def k_of(r):
-        return fake.kv4(apply_rope(_project(hq8, fake.w4_per_channel(wk, r), bk, hkv, hd),
-                                   cos, sin), cfg.key_rotation, kv_ratios, key_scale)
+        return fake.kv4(apply_rope(_project(hq8, fake.w4_per_channel(wk, r), bk, hkv, hd, k_norm,
+                                            eps), cos, sin), cfg.key_rotation, kv_ratios,
+                        key_scale)
 
     def err(r):
         if which == "q":
@@ -182,6 +186,7 @@ def search_qk_clipping(h: np.ndarray, w: dict, cfg: ModelConfig, ratios: np.ndar
     args = [jnp.asarray(h, jnp.float32)]
     for p in ("q", "k", "v"):
         args += [f32(f"self_attn.{p}_proj.weight"), f32(f"self_attn.{p}_proj.bias")]
+    args += [f32("self_attn.q_norm.weight"), f32("self_attn.k_norm.weight")]
     args.append(f32("self_attn.key_scale"))  # the model's, when it scales its rotated keys
     ratios = np.asarray(ratios, np.float32)
 

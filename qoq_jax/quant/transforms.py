@@ -8,7 +8,8 @@ compute the same function (up to rounding), with activations or weights that qua
                        stream by an orthogonal Hadamard R (inputs W R, outputs Rᵀ W)
 - smooth_attention:    q_proj rows x lambda, k_proj rows / lambda, lambda = max|K_c|^alpha /
                        max|Q_c|^beta from post-RoPE maxima, shared by each RoPE pair (c, c + d/2)
-                       and each GQA group
+                       and each GQA group; with Qwen3's per-head q/k RMSNorm, lambda goes into
+                       the norms' weights instead (shared by all heads, as those weights are)
 - smooth_out / smooth_down: SmoothQuant-style lambda_j = max|X_j|^alpha / max|W_:,j|^beta
                        moved from o_proj's inputs into v_proj's rows (GQA-aware), and from
                        down_proj's inputs into up_proj's rows
@@ -27,6 +28,18 @@ from qoq_jax.config import ModelConfig
 
 IN_LINEARS_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 IN_LINEARS_MLP = ("mlp.gate_proj", "mlp.up_proj")
+# a mixture-of-experts layer's readers of the normalised input: the router and every expert's
+# gate/up (stacked [E, F, D]); its writer: every expert's down_proj [E, D, F]
+IN_LINEARS_MOE = ("mlp.gate", "mlp.experts.gate_proj", "mlp.experts.up_proj")
+OUT_LINEARS_MLP = ("mlp.down_proj",)
+OUT_LINEARS_MOE = ("mlp.experts.down_proj",)
+
+
+def _mlp_linears(w: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(readers, writers) of the MLP block: the dense projections or the experts'."""
+    if "mlp.experts.down_proj.weight" in w:
+        return IN_LINEARS_MOE, OUT_LINEARS_MOE
+    return IN_LINEARS_MLP, OUT_LINEARS_MLP
 
 
 def _scale_rows(w: dict, name: str, factor: np.ndarray) -> None:
@@ -43,13 +56,17 @@ def fold_norm_into(w: dict, norm: str, linears: tuple[str, ...]) -> None:
 
 
 def rotate_layer(w: dict, rot: np.ndarray) -> dict:
-    """Fold both norms, then W <- W R for the residual's readers and W <- Rᵀ W for its writers."""
+    """Fold both norms, then W <- W R for the residual's readers and W <- Rᵀ W for its writers.
+    An MoE layer's readers are its router (16-bit, rotated all the same: it reads the rotated
+    residual) and its experts' gate/up, its writers the experts' down_proj (stacked: numpy's
+    matmul applies R to each expert)."""
     w = dict(w)
+    mlp_in, mlp_out = _mlp_linears(w)
     fold_norm_into(w, "input_layernorm", IN_LINEARS_ATTN)
-    fold_norm_into(w, "post_attention_layernorm", IN_LINEARS_MLP)
-    for name in IN_LINEARS_ATTN + IN_LINEARS_MLP:
+    fold_norm_into(w, "post_attention_layernorm", mlp_in)
+    for name in IN_LINEARS_ATTN + mlp_in:
         w[name + ".weight"] = w[name + ".weight"] @ rot
-    for name in ("self_attn.o_proj", "mlp.down_proj"):
+    for name in ("self_attn.o_proj",) + mlp_out:
         w[name + ".weight"] = rot.T @ w[name + ".weight"]
         if name + ".bias" in w:
             w[name + ".bias"] = rot.T @ w[name + ".bias"]
@@ -84,9 +101,18 @@ def attention_lambda(k_span: np.ndarray, q_span: np.ndarray | None, cfg: ModelCo
     query span is max-reduced over the group's query heads). xp: numpy, or jax.numpy under jit."""
     hd, hkv, g = cfg.head_dim, cfg.num_kv_heads, cfg.q_per_kv
     pos = lambda t: xp.where(t > 0, t, 1.0)  # noqa: E731  (zero spans count as 1)
-    lam = pos(k_span.reshape(hkv, 2, hd // 2).max(axis=1)) ** alpha
-    if q_span is not None:
-        lam = lam / pos(q_span.reshape(hkv, g, 2, hd // 2).max(axis=(1, 2))) ** beta
+    k_pair = k_span.reshape(hkv, 2, hd // 2).max(axis=1)
+    q_pair = None if q_span is None else q_span.reshape(hkv, g, 2, hd // 2).max(axis=(1, 2))
+    if cfg.qk_norm:
+        # Qwen3 normalises each head's q and k before RoPE: a scale of the projection rows
+        # would be undone by the norm, so lambda is folded into the norm weights, which every
+        # head shares: one lambda for all heads (spans max-reduced over them)
+        k_pair = xp.broadcast_to(k_pair.max(axis=0, keepdims=True), k_pair.shape)
+        if q_pair is not None:
+            q_pair = xp.broadcast_to(q_pair.max(axis=0, keepdims=True), q_pair.shape)
+    lam = pos(k_pair) ** alpha
+    if q_pair is not None:
+        lam = lam / pos(q_pair) ** beta
     lam = xp.where(xp.isfinite(lam) & (lam > 0), lam, 1.0)
     return xp.concatenate([lam, lam], axis=1)
 
@@ -98,6 +124,10 @@ def smooth_attention(w: dict, cfg: ModelConfig, k_absmax: np.ndarray, alpha: flo
     Returns (weights, lambda [Hkv, D])."""
     lam = attention_lambda(k_absmax, q_absmax if beta else None, cfg, alpha, beta)
     w = dict(w)
+    if cfg.qk_norm:  # into the per-head norms (RMSNorm(x) * weight: linear in the weight)
+        w["self_attn.q_norm.weight"] = w["self_attn.q_norm.weight"] * lam[0]
+        w["self_attn.k_norm.weight"] = w["self_attn.k_norm.weight"] / lam[0]
+        return w, lam
     _scale_rows(w, "self_attn.k_proj", 1.0 / lam.reshape(-1))
     _scale_rows(w, "self_attn.q_proj", np.repeat(lam, cfg.q_per_kv, axis=0).reshape(-1))
     return w, lam

@@ -48,12 +48,20 @@ class EngineThread:
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
                 log.exception("engine step failed")
                 self.error = e
-                self.engine.fail_all(f"internal engine error: {type(e).__name__}: {e}")
+                # the exception's text stays in the log: clients read only that it failed
+                self.engine.fail_all("internal engine error")
 
     def submit(self, ids, params, callback) -> int:
         rid = self.engine.submit(ids, params, callback=callback)
         self._wake.set()
         return rid
+
+    def submit_prompt_logprobs(self, ids, n_top: int):
+        """A concurrent.futures.Future of the prompt's eval.scoring.PromptLogprobs, computed
+        by the engine's thread between steps."""
+        future = self.engine.submit_prompt_logprobs(ids, n_top)
+        self._wake.set()
+        return future
 
     def cancel(self, rid: int, reason: str = "abort") -> None:
         self.engine.cancel(rid, reason)

@@ -1,5 +1,8 @@
-"""The server's Prometheus metrics (own registry): requests by route and status, tokens, time to
-first token and per output token, and gauges read from the engine's public counters."""
+"""The server's Prometheus metrics (own registry): requests by route and status (counted by the
+Guard for every answer, errors included; the route is one of completions, chat, models, health,
+metrics, docs, other), tokens, time to first token and per output token, HTTP requests in
+flight, and gauges read from the engine's public counters (queue, slots, KV pages, the prefix
+cache's hit rate and pages)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ class Metrics:
                                       ["route", "status"], registry=r)
         self._prompt = prom.Counter("qoq_prompt_tokens", "prompt tokens of finished requests",
                                     registry=r)
+        self._cached = prom.Counter("qoq_prompt_tokens_cached",
+                                    "prompt tokens of finished requests served from the prefix "
+                                    "cache (not computed again)", registry=r)
         self._gen = prom.Counter("qoq_generation_tokens", "generated tokens", registry=r)
         self._ttft = prom.Histogram("qoq_time_to_first_token_seconds", "time to first token",
                                     buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
@@ -27,8 +33,18 @@ class Metrics:
                 ("qoq_kv_pages_in_use", "KV-cache pages in use",
                  lambda: engine.allocator.num_used),
                 ("qoq_kv_pages_total", "KV-cache pages (the scratch page excluded)",
-                 lambda: engine.num_pages - 1)):
+                 lambda: engine.num_pages - 1),
+                ("qoq_prefix_cache_hit_rate", "prompt tokens served from the prefix cache / "
+                 "all prompt tokens, since the start",
+                 lambda: engine.prefix_cache_stats["hit_rate"]),
+                ("qoq_prefix_cache_pages", "KV pages held by the prefix cache (shared by "
+                 "running requests or kept for later ones)",
+                 lambda: engine.prefix_cache_stats["cached_pages"])):
             prom.Gauge(name, doc, registry=r).set_function(read)
+
+    def track_in_flight(self, read) -> None:
+        prom.Gauge("qoq_requests_in_flight", "HTTP requests being answered",
+                   registry=self.registry).set_function(read)
 
     def request(self, route: str, status: int) -> None:
         self._requests.labels(route, str(status)).inc()
@@ -40,6 +56,7 @@ class Metrics:
         """Token counts and time per output token of a closed qoq_jax.session.Session."""
         n_out = len(session.token_ids)
         self._prompt.inc(session.num_prompt_tokens)
+        self._cached.inc(session.cached_tokens)
         self._gen.inc(n_out)
         if session.first_token_at is not None and n_out > 1:
             self._tpot.observe((session.last_token_at - session.first_token_at) / (n_out - 1))

@@ -1,17 +1,55 @@
 """The response bodies of the OpenAI API: whole responses, stream chunks (SSE), usage and the
 two logprobs formats, for /v1/completions (CompletionFormat) and /v1/chat/completions
-(ChatFormat). Each format is made per request (its id, creation time and options)."""
+(ChatFormat). Each format is made per request (its id, creation time and options); a request
+with n > 1 has n choices, told apart by their index."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 
 
-def usage(n_prompt: int, n_out: int) -> dict:
+def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-            "total_tokens": n_prompt + n_out}
+            "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One finished choice of a whole response; with its prompt's ids and, when the request
+    scores the prompt (echo with logprobs, prompt_logprobs), their eval.scoring.PromptLogprobs."""
+
+    text: str
+    logprobs: list[dict] | None
+    finish_reason: str | None
+    prompt_ids: tuple[int, ...] | list[int] = ()
+    prompt_scores: object | None = None
+
+
+def prompt_entries(scores, n_top: int) -> list[dict]:
+    """A PromptLogprobs as logprob entries ({"token", "logprob", "top"}; the first token has
+    neither a log-probability nor alternatives: None)."""
+    return [{"token": t, "logprob": lp, "top": None if i == 0 else top[:n_top]}
+            for i, (t, lp, top) in enumerate(zip(scores.token_ids, scores.logprobs, scores.top))]
+
+
+def vllm_prompt_logprobs(scores, n_top: int, tokenizer) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {"logprob",
+    "rank", "decoded_token"}} holding the token itself and the n_top most likely."""
+    out: list[dict | None] = [None]
+    for t, lp, top in zip(scores.token_ids[1:], scores.logprobs[1:], scores.top[1:]):
+        entry = {str(i): {"logprob": v, "rank": r + 1, "decoded_token": tokenizer.decode([i])}
+                 for r, (i, v) in enumerate(top[:n_top])}
+        if str(t) not in entry:
+            rank = 1 + sum(v > lp for _, v in top)
+            entry[str(t)] = {"logprob": lp, "rank": rank if rank <= len(top) else None,
+                             "decoded_token": tokenizer.decode([t])}
+        out.append(entry)
+    return out
 
 
 def sse(data) -> str:
@@ -33,18 +71,22 @@ class _Format:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
                 "choices": choices, **extra}
 
-    def first_chunk(self) -> dict | None:
-        """The chunk sent before any text (None: none)."""
+    def first_chunk(self, index: int = 0, choice: Choice | None = None) -> dict | None:
+        """The chunk sent before any generated text of choice `index` (None: none); `choice`
+        holds its prompt (for echo)."""
         return None
 
-    def chunk(self, delta) -> dict:
-        """The stream chunk of a qoq_jax.session.Delta."""
+    def chunk(self, delta, index: int = 0) -> dict:
+        """The stream chunk of a qoq_jax.session.Delta of choice `index`."""
         raise NotImplementedError
 
-    def response(self, text: str, logprobs: list[dict] | None, finish_reason: str | None,
-                 use: dict) -> dict:
-        """The whole (non-streamed) response."""
+    def choice(self, c: Choice, index: int) -> dict:
         raise NotImplementedError
+
+    def response(self, choices: list[Choice], use: dict) -> dict:
+        """The whole (non-streamed) response."""
+        return self._envelope(self.object, [self.choice(c, i) for i, c in enumerate(choices)],
+                              usage=use)
 
     def usage_chunk(self, use: dict) -> dict:
         """The last chunk when stream_options.include_usage is set."""
@@ -56,7 +98,7 @@ class CompletionFormat(_Format):
 
     def __init__(self, tokenizer, model_name, req):
         super().__init__(tokenizer, model_name, req)
-        self._offset = 0  # text_offset of the next streamed token
+        self._offsets: dict[int, int] = {}  # per choice: text_offset of its next streamed token
 
     def _logprobs(self, entries: list[dict], offset: int) -> tuple[dict, int]:
         tok = self.tokenizer
@@ -65,22 +107,54 @@ class CompletionFormat(_Format):
             piece = tok.decode([e["token"]])
             out["tokens"].append(piece)
             out["token_logprobs"].append(e["logprob"])
-            out["top_logprobs"].append({tok.decode([i]): lp for i, lp in e["top"]})
+            out["top_logprobs"].append(None if e["top"] is None else
+                                       {tok.decode([i]): lp for i, lp in e["top"]})
             out["text_offset"].append(offset)
             offset += len(piece)
         return out, offset
 
-    def chunk(self, delta) -> dict:
+    def chunk(self, delta, index=0) -> dict:
         lp = None
         if self.req.logprobs is not None and delta.logprobs is not None:
-            lp, self._offset = self._logprobs(delta.logprobs, self._offset)
-        return self._envelope(self.chunk_object, [{"index": 0, "text": delta.text, "logprobs": lp,
-                                                   "finish_reason": delta.finish_reason}])
+            lp, self._offsets[index] = self._logprobs(delta.logprobs,
+                                                      self._offsets.get(index, 0))
+        return self._envelope(self.chunk_object, [{
+            "index": index, "text": delta.text, "logprobs": lp,
+            "finish_reason": delta.finish_reason}])
 
-    def response(self, text, logprobs, finish_reason, use) -> dict:
-        lp = self._logprobs(logprobs or [], 0)[0] if self.req.logprobs is not None else None
-        return self._envelope(self.object, [{"index": 0, "text": text, "logprobs": lp,
-                                             "finish_reason": finish_reason}], usage=use)
+    def _echo(self, c: Choice) -> tuple[str, list[dict]]:
+        """The prompt's text and logprob entries an echo puts before the completion."""
+        if not self.req.echo:
+            return "", []
+        entries = (prompt_entries(c.prompt_scores, self.req.logprobs)
+                   if self.req.logprobs is not None and c.prompt_scores is not None else [])
+        return self.tokenizer.decode(list(c.prompt_ids)), entries
+
+    def first_chunk(self, index=0, choice=None) -> dict | None:
+        if choice is None or not (self.req.echo or self.req.prompt_logprobs is not None):
+            return None
+        text, entries = self._echo(choice)
+        lp = None
+        if self.req.logprobs is not None:
+            lp, _ = self._logprobs(entries, 0)
+            self._offsets[index] = len(text)
+        body = {"index": index, "text": text, "logprobs": lp, "finish_reason": None}
+        if self.req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(
+                choice.prompt_scores, self.req.prompt_logprobs, self.tokenizer)
+        return self._envelope(self.chunk_object, [body])
+
+    def choice(self, c: Choice, index: int) -> dict:
+        echo_text, echo_entries = self._echo(c)
+        lp = (self._logprobs(echo_entries + (c.logprobs or []), 0)[0]
+              if self.req.logprobs is not None else None)
+        out = {"index": index, "text": echo_text + c.text, "logprobs": lp,
+               "finish_reason": c.finish_reason}
+        if self.req.prompt_logprobs is not None:
+            out["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_scores,
+                                                          self.req.prompt_logprobs,
+                                                          self.tokenizer)
+        return out
 
 
 class ChatFormat(_Format):
@@ -92,19 +166,26 @@ class ChatFormat(_Format):
                              "top_logprobs": [{"token": tok.decode([i]), "logprob": lp}
                                               for i, lp in e["top"]]} for e in entries]}
 
-    def first_chunk(self) -> dict:
+    def first_chunk(self, index=0, choice=None) -> dict:
         return self._envelope(self.chunk_object, [{
-            "index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            "index": index, "delta": {"role": "assistant", "content": ""},
+            "finish_reason": None}])
 
-    def chunk(self, delta) -> dict:
-        choice = {"index": 0, "delta": {"content": delta.text},
+    def response(self, choices: list[Choice], use: dict) -> dict:
+        out = super().response(choices, use)
+        if self.req.prompt_logprobs is not None and choices:  # vLLM: one per response
+            out["prompt_logprobs"] = vllm_prompt_logprobs(
+                choices[0].prompt_scores, self.req.prompt_logprobs, self.tokenizer)
+        return out
+
+    def chunk(self, delta, index=0) -> dict:
+        choice = {"index": index, "delta": {"content": delta.text},
                   "finish_reason": delta.finish_reason}
         if self.req.logprobs and delta.logprobs:
             choice["logprobs"] = self._logprobs(delta.logprobs)
         return self._envelope(self.chunk_object, [choice])
 
-    def response(self, text, logprobs, finish_reason, use) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": finish_reason,
-                  "logprobs": self._logprobs(logprobs or []) if self.req.logprobs else None}
-        return self._envelope(self.object, [choice], usage=use)
+    def choice(self, c: Choice, index: int) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": self._logprobs(c.logprobs or []) if self.req.logprobs else None}

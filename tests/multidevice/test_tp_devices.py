@@ -74,6 +74,27 @@ def test_float_model_engine_tp_1_2_4_agree(tmp_path):
             np.testing.assert_allclose(got[1], want[1], atol=1e-4, err_msg=f"TP {tp}")
 
 
+def test_prefix_cache_hits_under_tp_equal_a_cold_single_device(tmp_path):
+    """Prefix caching with TP 2 (KV4 pools split by KV head): requests sharing a 24-token
+    prefix reuse its pages, and their tokens equal one device's without prefix caching."""
+    d = make_tiny_checkpoint(tmp_path / "qwen2", "qwen2", seed=3, num_attention_heads=8,
+                             num_key_value_heads=4)
+    cfg = ModelConfig.from_json(d)
+    rng = np.random.default_rng(5)
+    shared = rng.integers(3, cfg.vocab_size, 24).tolist()
+    prompts = [shared + rng.integers(3, cfg.vocab_size, 3 + i).tolist() for i in range(3)]
+    mesh = sharding.make_mesh(2)
+    tp = Engine(from_hf_weights(cfg, SafetensorsCheckpoint(d), mesh=mesh), mesh=mesh,
+                kv_cache="kv4", **ENGINE)
+    first = tp.generate(prompts[:1], PARAMS)
+    rest = tp.generate(prompts[1:], PARAMS)
+    assert first[0].cached_tokens == 0 and [r.cached_tokens for r in rest] == [24, 24]
+    cold = Engine(from_hf_weights(cfg, SafetensorsCheckpoint(d)), kv_cache="kv4",
+                  prefix_caching=False, **ENGINE)
+    for p, r in zip(prompts, first + rest):
+        assert r.tokens == cold.generate([p], PARAMS)[0].tokens
+
+
 def _prefill_logits(model, tp, kind):
     cfg = model.config
     mesh = sharding.make_mesh(tp)

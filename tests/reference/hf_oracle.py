@@ -9,6 +9,14 @@ imported by the package (torch is not one of its dependencies). JOBS.json is a l
     greedy generation of each prompt alone (stops at EOS) -> OUT_DIR/N.json: list of token lists
 - {"kind": "nll", "name": N, "model": DIR, "windows": [[...], ...]}
     fp32 sum of next-token negative log-likelihoods of each window -> OUT_DIR/N.json
+- {"kind": "build", "name": N, "config": {config.json keys}, "model": DIR, "seed": S,
+   "std": X, "max_shard_size": "..." (optional)}
+    a random-weight model built by transformers from the config (every parameter drawn anew:
+    matrices N(0, std), embeddings 10x, norm weights 1 + N(0, 0.1)), saved with save_pretrained
+    in safetensors (sharded, with an index file, when max_shard_size says so)
+- {"kind": "decode_logits", "name": N, "model": DIR, "tokens": [[...], ...], "prefix": P}
+    fp32 logits of each token list computed as generate() does: the first P tokens in one call,
+    then one token per call through the KV cache -> OUT_DIR/N.npz ("0", "1", ...: [len, V])
 - {"kind": "gguf_weights", "name": N, "gguf": FILE, "model": DIR}
     load FILE with transformers' own GGUF loader and DIR (our conversion) with from_pretrained;
     -> OUT_DIR/N.json: {tensor name: max abs difference}, plus the names missing on either side
@@ -65,6 +73,42 @@ def nll(job, out):
     (out / f"{job['name']}.json").write_text(json.dumps(sums))
 
 
+def build(job, out):
+    from transformers import AutoConfig
+
+    cfg = dict(job["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(job["seed"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    std = job.get("std", 0.08)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p) * std * 10)
+            else:
+                p.copy_(torch.randn_like(p) * std)
+    kw = {"max_shard_size": job["max_shard_size"]} if job.get("max_shard_size") else {}
+    model.save_pretrained(job["model"], safe_serialization=True, **kw)
+
+
+def decode_logits(job, out):
+    model = _load(job["model"])
+    arrays = {}
+    with torch.no_grad():
+        for i, toks in enumerate(job["tokens"]):
+            p = job["prefix"]
+            res = model(input_ids=torch.tensor([toks[:p]]), use_cache=True)
+            rows, cache = [res.logits[0]], res.past_key_values
+            for t in toks[p:]:
+                res = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+                rows.append(res.logits[0])
+                cache = res.past_key_values
+            arrays[str(i)] = torch.cat(rows).float().numpy()
+    np.savez(out / f"{job['name']}.npz", **arrays)
+
+
 def gguf_weights(job, out):
     from transformers import GgufConfig
 
@@ -89,7 +133,8 @@ def main():
     out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     for job in jobs:
-        {"logits": logits, "greedy": greedy, "nll": nll, "gguf_weights": gguf_weights}[job["kind"]](job, out)
+        {"logits": logits, "greedy": greedy, "nll": nll, "gguf_weights": gguf_weights,
+         "build": build, "decode_logits": decode_logits}[job["kind"]](job, out)
 
 
 if __name__ == "__main__":
