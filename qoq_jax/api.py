@@ -19,6 +19,7 @@ from qoq_jax import session
 from qoq_jax.config import ModelConfig
 from qoq_jax.engine import Engine
 from qoq_jax.sampling import SamplingParams
+from qoq_jax.structured import GrammarCompiler, structured_output
 
 
 @dataclasses.dataclass
@@ -75,6 +76,8 @@ class LLM:
         self.tokenizer = tokenizer
         self.source = source
         self.engine = Engine(model, **engine_kwargs)
+        self.engine.grammar = GrammarCompiler(tokenizer, model.config.vocab_size,
+                                              model.config.eos_token_ids)
 
     def encode(self, prompt: str, *, chat: bool = False, split_special_tokens: bool = False,
                add_special_tokens: bool = True) -> list[int]:
@@ -97,14 +100,15 @@ class LLM:
         return [int(i) for i in self.tokenizer.encode(prompt,
                                                       add_special_tokens=add_special_tokens)]
 
-    def encode_chat(self, messages: Sequence[dict], *,
-                    split_special_tokens: bool = False) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], *, split_special_tokens: bool = False,
+                    tools: Sequence[dict] | None = None) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the reply.
 
         split_special_tokens: special tokens that appear in the messages' strings are encoded
         as text; only those the template writes itself are control tokens (each such string
         is wrapped in private-use markers before rendering, and the rendered text is encoded
         piece by piece). Without such text in the messages, the ids are the same either way.
+        tools: OpenAI function signatures, for a template that renders them.
         ValueError (ChatTemplateError) if there is no template or it fails."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
@@ -116,7 +120,9 @@ class LLM:
             if controls is not None:
                 messages = _mark_controls(messages, controls)
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            extra = {"tools": list(tools)} if tools else {}
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                           **extra)
         except Exception as e:  # noqa: BLE001 - jinja errors of a broken template
             # the template's own message (raise_exception) is the client's to read; anything
             # else stays in the detail, which names the source
@@ -181,13 +187,25 @@ class LLM:
     def generate(self, prompts: str | Sequence[str], *, chat: bool = False,
                  stop: Sequence[str] = (),
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 json_schema: dict | str | None = None, regex: str | None = None,
+                 choice: Sequence[str] | None = None, grammar: str | None = None,
                  **sampling) -> list[Completion]:
         """Generate for one prompt or a batch (all submitted at once, in-flight batched).
 
         Keyword arguments are SamplingParams fields (or give `params`, one per prompt);
-        `stop` lists strings that end a completion (not included in its text)."""
+        `stop` lists strings that end a completion (not included in its text). Structured
+        output (at most one): `json_schema` (a dict or its JSON text), `regex`, `choice` (the
+        output is one of these strings) or `grammar` (Lark or GBNF); the output then matches
+        it (ConstraintError, before any work, if it cannot be compiled)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        structured = structured_output(json_schema=json_schema, regex=regex, choice=choice,
+                                       grammar=grammar)
+        if structured is not None:
+            if params is not None:
+                raise ValueError("give the constraint in params (SamplingParams.structured) "
+                                 "or as a keyword, not both")
+            sampling["structured"] = structured
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:
@@ -198,6 +216,8 @@ class LLM:
         for i, (p, sp) in enumerate(zip(ids, params)):
             try:
                 self.engine.check_request(p, sp)
+                if sp.structured is not None:  # before any work: compiled once, cached
+                    self.engine.grammar.compile(sp.structured)
             except ValueError as e:
                 raise type(e)(f"prompt {i}: {e}") from None
         sessions = [session.Session(self.engine, self.tokenizer, p, sp, stop)
@@ -211,9 +231,18 @@ class LLM:
         return out
 
     def stream(self, prompt: str, *, chat: bool = False, stop: Sequence[str] = (),
-               params: SamplingParams | None = None, **sampling) -> Iterator[str]:
+               params: SamplingParams | None = None,
+               json_schema: dict | str | None = None, regex: str | None = None,
+               choice: Sequence[str] | None = None, grammar: str | None = None,
+               **sampling) -> Iterator[str]:
         """Generate one completion, yielding its text as it is produced (RuntimeError if the
-        engine fails it)."""
+        engine fails it). Structured output as in generate."""
+        structured = structured_output(json_schema=json_schema, regex=regex, choice=choice,
+                                       grammar=grammar)
+        if structured is not None:
+            if params is not None:
+                raise ValueError("give the constraint in params or as a keyword, not both")
+            sampling["structured"] = structured
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:

@@ -42,6 +42,7 @@ from qoq_jax.runner import (COMPILES, DecodeOutput, DeviceRunner, Finish, StepOu
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.scheduler import NeedsDrain, Plan, Scheduler, Sequence as Seq, Status
 from qoq_jax.speculative import NgramProposer, SpeculativeStats
+from qoq_jax.structured import Constraint, ConstraintError, GrammarCompiler
 
 __all__ = ["COMPILES", "ContextLengthError", "Engine", "EngineBusyError", "EngineConfig",
            "EngineMemoryError", "GenerationResult", "PromptError", "QueueFullError",
@@ -170,6 +171,7 @@ class _Request:
     first_token_at: float | None = None
     error: str | None = None
     release_on_finish: bool = False
+    constraint: Constraint | None = None  # structured output: this request's matcher
 
 
 @dataclasses.dataclass
@@ -262,6 +264,9 @@ class Engine:
         self.stats = collections.Counter()
         self.last_stats: dict[str, float] = {}
         self._spec_stats = SpeculativeStats(max(1, self.spec_k))
+        # structured output: compiles requests' constraints; set by whoever has the tokenizer
+        # (qoq_jax.api.LLM does), since the engine itself sees token ids only
+        self.grammar: GrammarCompiler | None = None
 
     def _new_scheduler(self) -> Scheduler:
         return Scheduler(self.allocator, max_slots=self.max_slots,
@@ -343,10 +348,17 @@ class Engine:
         if self.max_queue is not None and self.num_waiting >= self.max_queue:
             raise QueueFullError(f"{self.num_waiting} requests are waiting already (the limit "
                                  f"is {self.max_queue}); try again later")
+        constraint = None
+        if params.structured is not None:  # compiled here, in the caller's thread: an
+            # invalid schema is the caller's error before any work (ConstraintError)
+            if self.grammar is None:
+                raise ConstraintError("structured output needs the model's tokenizer: give "
+                                      "the engine a GrammarCompiler (qoq_jax.load does)")
+            constraint = self.grammar.constraint(params.structured)
         rid = next(self._ids)
         seq = Seq(rid, [int(t) for t in prompt], params)
         req = _Request(seq, callback, [] if params.logprobs is not None else None,
-                       time.perf_counter())
+                       time.perf_counter(), constraint=constraint)
         self._requests[rid] = req
         self._inbox.put(("add", req))
         return rid
@@ -444,6 +456,10 @@ class Engine:
             # proposals follow each sequence's last token: read everything back first (the
             # cost of speculation: no host/device overlap; see docs/ARCHITECTURE.md)
             self._drain()
+        elif any(s.constrained and s.status == Status.DECODING for s in self.scheduler.running):
+            # a constrained row's mask follows its last token: everything read back first
+            # (lockstep; docs/ARCHITECTURE.md)
+            self._drain()
         if not self.scheduler.has_work:
             self._drain()
             return
@@ -520,6 +536,7 @@ class Engine:
                 logit(i, pos + j, j)
             pos += n
             rows.append((i, seq, seq.incarnation))
+            self._fill_mask(x, i, seq)
         for i, chunk in enumerate(plan.chunks, start=len(plan.decode)):
             seq = chunk.seq
             x.slot[i], x.start[i], x.length[i], x.pos0[i] = seq.slot, pos, chunk.length, chunk.start
@@ -535,6 +552,7 @@ class Engine:
                     self._set_history(seq)
                 fresh.append((i, self._row_params(seq.params)))
                 rows.append((i, seq, seq.incarnation))
+                self._fill_mask(x, i, seq)
         if fresh:
             new = stack_params([p for _, p in fresh], self.max_stop_ids, self.max_logit_bias)
             at = [i for i, _ in fresh]
@@ -544,6 +562,17 @@ class Engine:
         out = self.runner.step(x)
         self.stats["ragged_steps"] += 1
         self._pending.append(_Dispatched(out, rows, proposals))
+
+    def _fill_mask(self, x, row: int, seq: Seq) -> None:
+        """A constrained row's allowed next tokens, from its matcher (every token it made is
+        read back: lockstep)."""
+        constraint = self._requests[seq.seq_id].constraint
+        if constraint is not None:
+            start = time.perf_counter()
+            constraint.fill(x.allowed[row])
+            x.mask_on[row] = True
+            self.stats["masks"] += 1
+            self.stats["mask_seconds"] += time.perf_counter() - start
 
     def _row_params(self, sp: SamplingParams) -> dict:
         return {"max_new": sp.max_new_tokens, "temperature": sp.temperature, "top_k": sp.top_k,
@@ -597,6 +626,11 @@ class Engine:
                         new_tokens[accepted] == prop[accepted]):
                     accepted += 1
                 self._spec_stats.record(len(prop), accepted)
+            complete = False
+            if new_tokens and req.constraint is not None:
+                if not req.constraint.advance(new_tokens):  # cannot happen for masked rows
+                    req.error = f"structured output: {req.constraint.error or 'rejected'}"
+                complete = req.constraint.finished
             if new_tokens:
                 self.scheduler.on_tokens(seq, new_tokens)
                 if prop is not None:
@@ -611,6 +645,10 @@ class Engine:
                 if code == Finish.ERROR:
                     req.error = NON_FINITE
                 self._end(req, FINISH_REASONS[code], new_tokens, new_lps)
+            elif req.error is not None:
+                self._end(req, "error", new_tokens, new_lps)
+            elif complete:  # the constraint is satisfied and nothing but its end can follow
+                self._end(req, "stop", new_tokens, new_lps)
             elif new_tokens and req.callback is not None:
                 req.callback(TokenEvent(seq.seq_id, new_tokens,
                                         new_lps if req.logprobs is not None else None,

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute every prompt in full, even where prompts share a prefix "
                         "(by default identical leading KV pages are computed once and shared)")
     add_speculative_args(p)
+    so = p.add_argument_group("structured output (at most one: the output matches it)")
+    only = so.add_mutually_exclusive_group()
+    only.add_argument("--json-schema", type=Path, metavar="FILE",
+                      help="a JSON schema file: every completion is JSON that validates")
+    only.add_argument("--regex", type=utf8_arg, help="a regular expression the output matches")
+    only.add_argument("--choice", action="append", type=utf8_arg,
+                      help="the output is exactly one of these strings; repeatable")
+    only.add_argument("--grammar", type=Path, metavar="FILE",
+                      help="a context-free grammar file (Lark, or llama.cpp's GBNF)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: prompt, text, token_ids, "
                         "finish_reason")
@@ -96,8 +105,34 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _structured(args):
+    """The StructuredOutput the arguments ask for (None: free text); CliError for a file that
+    cannot be read or is not JSON."""
+    from qoq_jax.structured import ConstraintError, structured_output
+
+    schema = grammar = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise CliError(f"--json-schema: cannot read {args.json_schema}: {e.strerror}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CliError(f"--json-schema: {args.json_schema} is not JSON: {e}")
+    if args.grammar is not None:
+        try:
+            grammar = args.grammar.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--grammar: cannot read {args.grammar}: {e}")
+    try:
+        return structured_output(json_schema=schema, regex=args.regex, choice=args.choice,
+                                 grammar=grammar)
+    except ConstraintError as e:
+        raise CliError(str(e))
+
+
 def _run(args) -> int:
     prompts = _prompts(args)
+    structured = _structured(args)
 
     import qoq_jax
     from qoq_jax.engine import COMPILES
@@ -108,7 +143,8 @@ def _run(args) -> int:
                                       repetition_penalty=args.repetition_penalty,
                                       presence_penalty=args.presence_penalty,
                                       frequency_penalty=args.frequency_penalty,
-                                      min_tokens=min(args.min_tokens, args.max_new_tokens))
+                                      min_tokens=min(args.min_tokens, args.max_new_tokens),
+                                      structured=structured)
     engine = {"page_size": args.page_size, "prefix_caching": args.prefix_caching,
               **speculative_kwargs(args)}
     if args.kv_cache:

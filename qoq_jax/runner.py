@@ -168,6 +168,10 @@ class StepInputs:
     rows of logits the step computes, [L]: ``logit_token`` (the token whose next-token logits
     they are), ``logit_row`` (its row, -1: none) and ``logit_col`` (0 for a row's first token,
     j for its j-th proposal). Zero-sized otherwise.
+
+    Structured output (qoq_jax.structured): ``mask_on`` [S] (bool: the row's next token is
+    constrained) and ``allowed`` [S, ceil(vocab / 32)] (the tokens it may take, bit t % 32 of
+    word t // 32), applied after the other logit processing.
     """
 
     tokens: jax.Array
@@ -185,6 +189,8 @@ class StepInputs:
     logit_token: jax.Array
     logit_row: jax.Array
     logit_col: jax.Array
+    mask_on: jax.Array
+    allowed: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -270,14 +276,29 @@ def _process(logits, params: RowParams, index, prompt_mask, output_counts, rows,
     return jax.lax.cond(jnp.any(params.penalized), penalties, skip, x)
 
 
-def _pick(logits, params: RowParams, index, num_generated, n_top: int, history):
+def _allow(logits, mask_on, allowed):
+    """Constrained rows (mask_on) keep only the tokens their bitmask allows (a runtime branch:
+    a batch without constraints pays nothing, and other rows' logits pass through unchanged)."""
+    def mask(x):
+        ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+        bit = (jnp.asarray(allowed)[:, ids // 32] >> (ids % 32)) & 1
+        return jnp.where(mask_on[:, None] & (bit == 0), -jnp.inf, x)
+
+    return jax.lax.cond(jnp.any(mask_on), mask, lambda x: x, logits)
+
+
+def _pick(logits, params: RowParams, index, num_generated, n_top: int, history,
+          constraint=None):
     """Sample each row (greedy rows take the argmax of the processed logits), then its Finish
     code and log-probabilities (of the model's logits). index: the sampling index of the token
     (its seed's stream position); num_generated: tokens made counting this one; history:
-    (prompt_mask, output_counts, rows[, prior]) for the penalties."""
+    (prompt_mask, output_counts, rows[, prior]) for the penalties; constraint: (mask_on,
+    allowed) of structured-output rows, or None."""
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
     clean = jnp.where(finite[:, None], logits, 0.0)
     processed = _process(clean, params, index, *history)
+    if constraint is not None:
+        processed = _allow(processed, *constraint)
     # the sort that top-k / top-p / min-p need runs only when some row samples (a runtime
     # branch: one program serves greedy and sampled batches; greedy rows take the argmax)
     tok = jax.lax.cond(
@@ -368,7 +389,7 @@ def _step(graphdef, params, cache, slots: SlotState, page_table, inputs: StepInp
     made = jnp.where(insert, inputs.generated0, slots.num_generated[sl])
     tok, finish, chosen, top_id, top_lp = _pick(
         logits, row_params, made, made + 1, n_top,
-        (slots.prompt_mask, slots.output_counts, sl))
+        (slots.prompt_mask, slots.output_counts, sl), (inputs.mask_on, inputs.allowed))
     tok = jnp.where(samples, tok, -1)
     finish = jnp.where(samples, finish, Finish.RUNNING)
     target = jnp.where(samples, slot, n_slots)  # rows that do not sample write nothing
@@ -439,7 +460,9 @@ def _spec_step(model, cache, slots: SlotState, page_table, inputs: StepInputs, *
     prior = jnp.where(j < col[:, None], prop[lr], -1)  # the history as it is at that position
     tok_l, fin_l, lp_l, tid_l, tlp_l = _pick(
         logits, _take(row_params, lr), index, index + 1, n_top,
-        (slots.prompt_mask, slots.output_counts, sl[lr], prior))
+        (slots.prompt_mask, slots.output_counts, sl[lr], prior),
+        # constrained rows carry no proposals: their mask is their first logit row's
+        (inputs.mask_on[lr] & (col == 0) & (inputs.logit_row >= 0), inputs.allowed[lr]))
     # back to rows [S, 1 + k]
     first = jnp.full((n_rows,), n_logits, jnp.int32).at[
         jnp.where(inputs.logit_row >= 0, inputs.logit_row, n_rows)].min(
@@ -599,6 +622,7 @@ class DeviceRunner:
         self.max_stop_ids = max_stop_ids
         self.max_logit_bias = max(1, max_logit_bias)
         self.vocab = model.config.vocab_size
+        self.mask_words = -(-self.vocab // 32)  # a structured-output row's bitmask
         # speculative steps (spec_k proposed tokens per decode row at most): a smaller first
         # step bucket, so a lone sequence's verification row pads little
         self.spec_k = spec_k
@@ -739,7 +763,8 @@ class DeviceRunner:
             slot=np.full((s,), -1, np.int32), start=zi(), length=zi(), pos0=zi(),
             decode=np.zeros((s,), bool), sample=np.zeros((s,), bool), generated0=zi(),
             params=RowParams.empty(s, w, self.max_logit_bias),
-            retire=np.zeros((self.slots,), bool))
+            retire=np.zeros((self.slots,), bool), mask_on=np.zeros((s,), bool),
+            allowed=np.zeros((s, self.mask_words), np.int32))
 
     def logit_rows(self, num_tokens: int) -> int:
         """Rows of logits a speculative step of a bucket computes (0 without speculation: one

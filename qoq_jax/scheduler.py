@@ -25,6 +25,10 @@ Policies (vLLM v1-style, first come first served):
   sequence whose next page another sequence computes in this very step waits one step and
   shares it (several samples of one prompt compute it once). Exact, because a token's K/V are
   computed the same way whatever the batch and the chunking;
+- structured output: a constrained sequence's next token needs a mask computed on the host
+  from its last one, so while one decodes, iterations are single ragged steps of every decode
+  row (lockstep: no multi-step decode dispatch, no proposals for it), and the engine reads
+  every token back before planning the next;
 - when a decoding sequence needs a page and none is free, the most recently admitted running
   sequence is preempted (possibly the needy one itself): its slot and pages are freed, and it
   goes back to the front of the queue keeping the tokens it produced. Re-admitted, it prefills
@@ -77,6 +81,11 @@ class Sequence:
         return len(self.prompt) + self.params.max_new_tokens - 1
 
     @property
+    def constrained(self) -> bool:
+        """Structured output: each token needs a mask computed from the one before."""
+        return self.params.structured is not None
+
+    @property
     def generated0(self) -> int:
         """Tokens made before this admission (kept across a preemption)."""
         return len(self.context) - len(self.prompt)
@@ -115,11 +124,14 @@ class Plan:
     freed_slots: list[int] = dataclasses.field(default_factory=list)  # of the preempted
     cached_tokens: int = 0  # context tokens the admissions found in the prefix cache
     proposals: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # by seq_id
+    # a decode row is constrained (structured output): one step, as a ragged step, whose
+    # rows' masks the host computed from every token read back
+    lockstep: bool = False
 
     @property
     def ragged(self) -> bool:
-        """A ragged step: prompt chunks, or decode rows with proposals to verify."""
-        return bool(self.chunks or self.proposals)
+        """A ragged step: prompt chunks, decode rows with proposals to verify, or lockstep."""
+        return bool(self.chunks or self.proposals or self.lockstep)
 
     @property
     def num_tokens(self) -> int:
@@ -325,7 +337,9 @@ class Scheduler:
             plan.admitted.append(seq)
             plan.chunks.append(chunk)
             budget -= chunk.length
-        # 3. no prompt work: a decode dispatch of several steps (pages for all of them)
+        # 3. no prompt work: a decode dispatch of several steps (pages for all of them), unless
+        # a decode row is constrained: its next mask needs its last token
+        plan.lockstep = bool(plan.decode) and any(s.constrained for s in plan.decode)
         if plan.ragged:
             plan.steps = 1
             self._fit(plan)
@@ -344,6 +358,8 @@ class Scheduler:
         it, so prompts still progress), and of the pages it can get without preempting."""
         room = self.max_batch_tokens // 2 - len(plan.decode)
         for seq in plan.decode:
+            if seq.constrained:  # a proposal would need the mask after each proposed token
+                continue
             left = seq.params.max_new_tokens - len(seq.output) - 1
             k = min(self.proposer.k, left, room)
             if k <= 0:

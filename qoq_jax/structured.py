@@ -91,6 +91,27 @@ class StructuredOutput:
         return f"{self.kind}({short})" if self.spec else self.kind
 
 
+def structured_output(*, json_schema: dict | str | bool | None = None,
+                      json_object: bool = False, regex: str | None = None,
+                      choice: Sequence[str] | None = None,
+                      grammar: str | None = None) -> StructuredOutput | None:
+    """The StructuredOutput of keyword arguments (LLM.generate, the server), None if none is
+    given; ConstraintError if several are."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex),
+                                ("choice", choice), ("grammar", grammar)) if v is not None}
+    if json_object:
+        given["json_object"] = True
+    if len(given) > 1:
+        raise ConstraintError(f"give at most one structured-output constraint, got "
+                              f"{', '.join(sorted(given))}")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    if kind == "json_object":
+        return StructuredOutput.json_object()
+    return getattr(StructuredOutput, kind)(value)
+
+
 def _grammar_text(so: StructuredOutput) -> str:
     """The llguidance grammar of a constraint (validity is checked by the caller)."""
     from llguidance import LLMatcher, grammar_from

@@ -329,6 +329,24 @@ async def _prompt_ids(state: ServerState, req) -> list[list[int]]:
         raise to_api_error(e, param=req.prompt_param) from None
 
 
+async def _compile_constraint(state: ServerState, req) -> None:
+    """Compile the request's structured-output constraint (if any) in the tokenizer's thread,
+    before any work: an invalid schema is a 400 naming the problem (ConstraintError), and the
+    engine's submit then finds it in the compiler's cache."""
+    try:
+        so = req.structured()
+    except ValueError as e:
+        raise to_api_error(e, param="structured_outputs") from None
+    if so is None:
+        return
+    param = "response_format" if getattr(req, "response_format", None) else "structured_outputs"
+    work = functools.partial(state.llm.engine.grammar.compile, so)
+    try:
+        await asyncio.get_running_loop().run_in_executor(state.tokenizer_pool, work)
+    except ValueError as e:
+        raise to_api_error(e, param=param) from None
+
+
 @dataclasses.dataclass
 class _ChoiceRun:
     """One choice of a request: its prompt, its scores (when the request scores the prompt) and
@@ -352,6 +370,7 @@ async def _generate(request: Request, cls, format_cls):
     req = await read_body(state, request, cls)
     llm = state.llm
     prompts = await _prompt_ids(state, req)
+    await _compile_constraint(state, req)
     # the prompts' own log-probabilities first (echo with logprobs, prompt_logprobs): the
     # engine's thread scores each between its steps
     scores: list = [None] * len(prompts)
@@ -450,7 +469,8 @@ async def _events(state: ServerState, request: Request, req, runs: list[_ChoiceR
             if r.session is None:  # max_tokens 0: the prompt was all
                 yield sse(fmt.chunk(Delta("", [] if want else None, "length"), i))
         async for i, d in _merged(runs, request.is_disconnected):
-            yield sse(fmt.chunk(d, i))
+            for chunk in fmt.chunks(d, i):
+                yield sse(chunk)
         if req.include_usage:
             yield sse(fmt.usage_chunk(_usage(runs)))
         yield sse("[DONE]")

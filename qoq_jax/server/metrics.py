@@ -2,7 +2,7 @@
 Guard for every answer, errors included; the route is one of completions, chat, models, health,
 metrics, docs, other), tokens, time to first token and per output token, HTTP requests in
 flight, and gauges read from the engine's public counters (queue, slots, KV pages, the prefix
-cache's hit rate and pages)."""
+cache's hit rate and pages, structured output's compilations and masks)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,17 @@ class Metrics:
                  lambda: engine.prefix_cache_stats["hit_rate"]),
                 ("qoq_prefix_cache_pages", "KV pages held by the prefix cache (shared by "
                  "running requests or kept for later ones)",
-                 lambda: engine.prefix_cache_stats["cached_pages"])):
+                 lambda: engine.prefix_cache_stats["cached_pages"]),
+                ("qoq_structured_constraints_compiled", "distinct structured-output "
+                 "constraints compiled (each once: later requests hit the cache)",
+                 lambda: engine.grammar.stats.compiled if engine.grammar else 0),
+                ("qoq_structured_compile_seconds", "time spent compiling structured-output "
+                 "constraints, since the start",
+                 lambda: engine.grammar.stats.seconds if engine.grammar else 0.0),
+                ("qoq_structured_masks", "token masks computed for constrained rows",
+                 lambda: engine.stats["masks"]),
+                ("qoq_structured_mask_seconds", "host time computing token masks",
+                 lambda: engine.stats["mask_seconds"])):
             prom.Gauge(name, doc, registry=r).set_function(read)
 
     def track_in_flight(self, read) -> None:

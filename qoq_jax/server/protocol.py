@@ -55,6 +55,56 @@ class _Base(Strict):
     # special tokens written as text in the prompt or messages are control tokens (default:
     # the server's --allow-special-tokens; otherwise they are encoded as text)
     allow_special_tokens: bool | None = None
+    # structured output, as vLLM names it: {"json": schema, "regex": ..., "choice": [...],
+    # "grammar": ..., "json_object": true}; and its older spellings
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_keys(cls, v):
+        known = {"json", "regex", "choice", "grammar", "json_object"}
+        # options of vLLM's backends that change nothing here
+        ignored = {"disable_any_whitespace", "disable_additional_properties",
+                   "whitespace_pattern", "backend", "disable_fallback"}
+        unknown = sorted(set(v or {}) - known - ignored)
+        if unknown:
+            raise ValueError(f"unsupported key {unknown[0]!r} (supported: "
+                             f"{', '.join(sorted(known))})")
+        if v and "json_object" in v and not isinstance(v["json_object"], bool):
+            raise ValueError("json_object must be true or false")
+        return v
+
+    def structured(self):
+        """The request's StructuredOutput (None: free text); ConstraintError (a 400) for a
+        malformed or contradictory one. Compiling it is the engine's (its GrammarCompiler)."""
+        from qoq_jax.structured import ConstraintError, structured_output
+
+        so = self.structured_outputs or {}
+        given = {"json_schema": so.get("json"), "regex": so.get("regex"),
+                 "choice": so.get("choice"), "grammar": so.get("grammar"),
+                 "json_object": bool(so.get("json_object"))}
+        for key, legacy in (("json_schema", self.guided_json), ("regex", self.guided_regex),
+                            ("choice", self.guided_choice), ("grammar", self.guided_grammar)):
+            if legacy is not None:
+                if given[key] is not None:
+                    raise ConstraintError(f"guided_{key.split('_')[0]} and structured_outputs both "
+                                          f"give a {key}")
+                given[key] = legacy
+        rf = self.response_format_constraint()
+        if rf is not None:
+            if any(v not in (None, False) for v in given.values()):
+                raise ConstraintError("response_format and structured_outputs (or guided_*) "
+                                      "both constrain the output: give one")
+            given[rf[0]] = rf[1]
+        return structured_output(**given)
+
+    def response_format_constraint(self) -> tuple[str, Any] | None:
+        """Chat's response_format as (keyword of structured_output, value); None elsewhere."""
+        return None
 
     @field_validator("logit_bias")
     @classmethod
@@ -129,7 +179,8 @@ class _Base(Strict):
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             min_tokens=self.min_tokens,
-            logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()})
+            logit_bias={int(k): b for k, b in (self.logit_bias or {}).items()},
+            structured=self.structured())
 
     def prompts_ids(self, llm, *, split_special_tokens: bool = True) -> list[list[int]]:
         """Every prompt of the request (chat: one)."""
@@ -187,6 +238,31 @@ class CompletionRequest(_Base):
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls(cls, v):
+        for i, c in enumerate(v or []):
+            fn = c.get("function")
+            if c.get("type", "function") != "function" or not isinstance(fn, dict) or not (
+                    isinstance(fn.get("name"), str)
+                    and isinstance(fn.get("arguments", ""), str)):
+                raise ValueError(f"{i}: a call is {{\"type\": \"function\", \"function\": "
+                                 f"{{\"name\": str, \"arguments\": JSON text}}}}")
+        return v
+
+    def as_dict(self) -> dict:
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
     @field_validator("content")
     @classmethod
@@ -211,34 +287,82 @@ class ChatRequest(_Base):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=5)
-    # not built yet (issue #26): refused rather than ignored, so a client does not silently
-    # get free text where it asked for JSON or a tool call
+    # OpenAI's structured output: {"type": "text" | "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}, "strict": ...}}
     response_format: dict[str, Any] | None = None
+    # tool calling (qoq_jax.server.tools): [{"type": "function", "function": {...}}], and
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     prompt_param: ClassVar[str] = "messages"
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        if v is not None and v.get("type") != "text":
-            raise ValueError("structured output is not supported yet: only {\"type\": "
-                             "\"text\"}")
-        return v
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tool calling is not supported yet")
+    def _tools(cls, v):
+        from qoq_jax.server.tools import parse_tools
+
+        parse_tools(v or [])
         return v
 
-    @field_validator("tool_choice")
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        from qoq_jax.server.tools import parse_tool_choice
+
+        try:
+            parse_tool_choice(self.tool_choice, self.functions)
+        except ValueError as e:
+            raise ValueError(f"tool_choice: {e}") from None
+        return self
+
+    @property
+    def functions(self):
+        from qoq_jax.server.tools import parse_tools
+
+        return parse_tools(self.tools or [])
+
+    @property
+    def tool_mode(self) -> str:
+        """'none', 'auto', 'required' or the function's name (qoq_jax.server.tools)."""
+        from qoq_jax.server.tools import parse_tool_choice
+
+        return parse_tool_choice(self.tool_choice, self.functions)
+
+    @field_validator("response_format")
     @classmethod
-    def _no_tool_choice(cls, v):
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool calling is not supported yet")
+    def _response_format(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type must be 'text', 'json_object' or 'json_schema', got "
+                             f"{kind!r}")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict):
+                raise ValueError("json_schema must be an object with the schema in 'schema'")
+            schema = spec.get("schema", {})
+            if not isinstance(schema, dict):
+                raise ValueError("json_schema.schema must be a JSON object")
         return v
+
+    def response_format_constraint(self) -> tuple[str, Any] | None:
+        from qoq_jax.server.tools import constraint_schema
+        from qoq_jax.structured import ConstraintError
+
+        rf = self.response_format or {}
+        tools = constraint_schema(self.functions, self.tool_mode)
+        if tools is not None:
+            if rf.get("type") in ("json_object", "json_schema"):
+                raise ConstraintError("tool_choice 'required' or a named function already "
+                                      "constrains the output: drop response_format")
+            return "json_schema", tools
+        if rf.get("type") == "json_object":
+            return "json_object", True
+        if rf.get("type") == "json_schema":
+            # no schema: any JSON, as OpenAI does
+            return "json_schema", rf["json_schema"].get("schema") or {"type": "object"}
+        return None
 
     @property
     def num_logprobs(self) -> int | None:
@@ -250,8 +374,13 @@ class ChatRequest(_Base):
 
     def prompt_ids(self, llm, *, split_special_tokens: bool = True) -> list[int]:
         """ValueError (qoq_jax.api.ChatTemplateError) if the chat template fails."""
-        return llm.encode_chat([{"role": m.role, "content": m.text()} for m in self.messages],
-                               split_special_tokens=split_special_tokens)
+        from qoq_jax.server.tools import render_messages, template_knows_tools
+
+        messages, tools = render_messages([m.as_dict() for m in self.messages],
+                                          self.functions, self.tool_mode,
+                                          template_knows_tools(llm.tokenizer))
+        return llm.encode_chat(messages, split_special_tokens=split_special_tokens,
+                               tools=tools)
 
 
 class TokenizeRequest(Strict):

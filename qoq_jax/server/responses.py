@@ -80,6 +80,10 @@ class _Format:
         """The stream chunk of a qoq_jax.session.Delta of choice `index`."""
         raise NotImplementedError
 
+    def chunks(self, delta, index: int = 0) -> list[dict]:
+        """The stream chunks of a Delta (a format may hold text back: tool calls)."""
+        return [self.chunk(delta, index)]
+
     def choice(self, c: Choice, index: int) -> dict:
         raise NotImplementedError
 
@@ -158,7 +162,31 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
+    """Chat responses; with tools (qoq_jax.server.tools), the output is parsed for calls: a
+    whole response carries them as `tool_calls` (finish_reason "tool_calls"); a stream holds
+    text back while it may be a call (auto: while it starts like one; required or a named
+    function: all of it) and sends the calls in one delta at the end."""
+
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, tokenizer, model_name, req):
+        super().__init__(tokenizer, model_name, req)
+        self.tool_mode = req.tool_mode if req.tools else "none"
+        self.functions = req.functions if req.tools else []
+        self._text: dict[int, str] = {}  # per choice: all text so far (tools only)
+        self._held: dict[int, tuple[str, list]] = {}  # per choice: text and logprobs held back
+        self._streaming: set[int] = set()  # choices whose text goes out as content
+
+    def _calls(self, text: str, finish_reason: str | None):
+        """(content, calls as OpenAI dicts, finish_reason) of a choice's text."""
+        from qoq_jax.server.tools import parse_output
+
+        content, calls = parse_output(text, self.functions, self.tool_mode)
+        if calls and not self.req.parallel_tool_calls:
+            calls = calls[:1]
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return content, calls, finish_reason
 
     def _logprobs(self, entries: list[dict]) -> dict:
         tok = self.tokenizer
@@ -185,7 +213,46 @@ class ChatFormat(_Format):
             choice["logprobs"] = self._logprobs(delta.logprobs)
         return self._envelope(self.chunk_object, [choice])
 
+    def chunks(self, delta, index=0) -> list[dict]:
+        if self.tool_mode == "none":
+            return [self.chunk(delta, index)]
+        from qoq_jax.server.tools import may_be_a_call
+
+        text = self._text[index] = self._text.get(index, "") + delta.text
+        held_text, held_lps = self._held.get(index, ("", []))
+        held = (held_text + delta.text, held_lps + list(delta.logprobs or []))
+        out = []
+        if index not in self._streaming and not (
+                self.tool_mode != "auto" or may_be_a_call(text)):
+            self._streaming.add(index)  # plain text after all: what was held goes out now
+        if index in self._streaming and (held[0] or held[1]):
+            lps = held[1] if delta.logprobs is not None else None
+            out.append(self.chunk(type(delta)(held[0], lps), index))
+            held = ("", [])
+        self._held[index] = held
+        if delta.finish_reason is None:
+            return out
+        content, calls, reason = self._calls(text, delta.finish_reason)
+        if calls:
+            body = {"tool_calls": [c.openai(i) for i, c in enumerate(calls)]}
+            if index not in self._streaming and content:
+                body["content"] = content
+            out.append(self._envelope(self.chunk_object, [
+                {"index": index, "delta": body, "finish_reason": None}]))
+        elif held[0] or held[1]:
+            out.append(self.chunk(type(delta)(held[0], held[1] if delta.logprobs is not None
+                                              else None), index))
+        out.append(self._envelope(self.chunk_object, [
+            {"index": index, "delta": {}, "finish_reason": reason}]))
+        return out
+
     def choice(self, c: Choice, index: int) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
+        message = {"role": "assistant", "content": c.text}
+        reason = c.finish_reason
+        if self.tool_mode != "none":
+            content, calls, reason = self._calls(c.text, c.finish_reason)
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [call.openai() for call in calls]}
+        return {"index": index, "message": message, "finish_reason": reason,
                 "logprobs": self._logprobs(c.logprobs or []) if self.req.logprobs else None}
