@@ -177,6 +177,24 @@ def test_stats_by_position(spec):
     assert st["proposed_per_position"] == sorted(st["proposed_per_position"], reverse=True)
 
 
+def test_metrics_report_proposals_and_acceptance_by_position(spec):
+    """/metrics (server/metrics.py) reads the engine's speculative counters."""
+    from qoq_jax.server.metrics import Metrics
+
+    spec.generate(_prompts(3), SamplingParams(max_new_tokens=12, stop_token_ids=()))
+    st = spec.speculative_stats
+    assert st["proposed"] > 0
+    text, _ = Metrics(spec).render()
+    values = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines()
+              if ln.startswith("qoq_spec")}
+    assert values["qoq_spec_proposed_tokens"] == st["proposed"]
+    assert values["qoq_spec_accepted_tokens"] == st["accepted"]
+    assert values["qoq_spec_acceptance_rate"] == pytest.approx(st["acceptance_rate"])
+    for i, rate in enumerate(st["acceptance_rate_per_position"]):
+        assert values[f'qoq_spec_acceptance_rate_by_position{{position="{i}"}}'] == (
+            pytest.approx(rate))
+
+
 def test_kv4_and_preemption(model):
     """The KV4 cache, and a pool too small for the load (preemptions, page trims): the same
     tokens as without speculation, and every page back at the end."""

@@ -2,7 +2,8 @@
 Guard for every answer, errors included; the route is one of completions, chat, models, health,
 metrics, docs, other), tokens, time to first token and per output token, HTTP requests in
 flight, and gauges read from the engine's public counters (queue, slots, KV pages, the prefix
-cache's hit rate and pages, structured output's compilations and masks)."""
+cache's hit rate and pages, structured output's compilations and masks, speculative decoding's proposed and
+accepted tokens and acceptance rate by position)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,20 @@ class Metrics:
                 ("qoq_structured_mask_seconds", "host time computing token masks",
                  lambda: engine.stats["mask_seconds"])):
             prom.Gauge(name, doc, registry=r).set_function(read)
+        # speculative decoding: totals, and the acceptance rate by position (set at each scrape)
+        spec = lambda key: lambda: engine.speculative_stats[key]  # noqa: E731
+        for name, doc, key in (
+                ("qoq_spec_proposed_tokens", "tokens proposed by speculative decoding",
+                 "proposed"),
+                ("qoq_spec_accepted_tokens", "proposed tokens the target model accepted",
+                 "accepted"),
+                ("qoq_spec_acceptance_rate", "accepted / proposed tokens, since the start",
+                 "acceptance_rate")):
+            prom.Gauge(name, doc, registry=r).set_function(spec(key))
+        self._engine = engine
+        self._spec_position = prom.Gauge(
+            "qoq_spec_acceptance_rate_by_position", "accepted / proposed tokens at each "
+            "proposal position (0: the first proposed token)", ["position"], registry=r)
 
     def track_in_flight(self, read) -> None:
         prom.Gauge("qoq_requests_in_flight", "HTTP requests being answered",
@@ -73,4 +88,8 @@ class Metrics:
 
     def render(self) -> tuple[str, str]:
         """(text, content type) for /metrics."""
+        if self._engine.speculative:
+            rates = self._engine.speculative_stats["acceptance_rate_per_position"]
+            for i, rate in enumerate(rates):
+                self._spec_position.labels(str(i)).set(rate)
         return prom.generate_latest(self.registry).decode(), prom.CONTENT_TYPE_LATEST
