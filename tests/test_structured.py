@@ -308,3 +308,26 @@ def test_server_tool_calls_named_and_required_streamed_and_not(server):
     r = client.chat.completions.create(model="m", messages=history, max_tokens=24,
                                        tools=[WEATHER, TIME], tool_choice="none")
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls
+
+
+@pytest.mark.slow
+def test_a_template_that_knows_tools_renders_them_itself(llm, monkeypatch):
+    from qoq_jax.server.protocol import ChatRequest
+
+    template = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n"
+                "{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}"
+                "{% if m.tool_calls %}CALL {{ m.tool_calls[0].function.arguments.city }}"
+                "{% endif %}\n{% endfor %}")
+    monkeypatch.setattr(llm.tokenizer, "chat_template", template)
+    req = ChatRequest.model_validate({"model": "m", "tools": [WEATHER, TIME], "messages": [
+        {"role": "user", "content": "Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                                                             "function": {"name": "get_weather",
+                                                                          "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"}]})
+    text = llm.tokenizer.decode(req.prompt_ids(llm))
+    assert text.startswith("TOOLS:get_weather;get_time;")
+    assert "assistant: CALL Oslo" in text and "tool: rain" in text
+    none = ChatRequest.model_validate({"model": "m", "tools": [WEATHER], "tool_choice": "none",
+                                       "messages": [{"role": "user", "content": "hi"}]})
+    assert "TOOLS" not in llm.tokenizer.decode(none.prompt_ids(llm))
