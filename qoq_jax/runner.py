@@ -636,11 +636,11 @@ class DeviceRunner:
         self._table = np.zeros((self.slots, max_pages_per_seq), np.int32)
         self._table_dev = None
         self._executables: dict[tuple[str, int], object] = {}
-        # XLA:CPU: LLVM's cheaper pipeline compiles each program ~25% faster, and its run time is
-        # the same within noise (the time is in the library dots; docs/PERFORMANCE.md)
-        self._compile_options = ({"xla_backend_optimization_level": 1,
-                                  "xla_llvm_disable_expensive_passes": True}
-                                 if jax.devices()[0].platform == "cpu" else {})
+        # XLA's default pipelines. (LLVM's cheaper pipeline on CPU, xla_backend_optimization_level
+        # 1 with xla_llvm_disable_expensive_passes, compiled ~25% faster, but XLA:CPU crashed
+        # compiling or serializing these programs with it, late in long processes: CI, three
+        # times; docs/PERFORMANCE.md)
+        self._compile_options: dict = {}
 
     def _put(self, x):
         return _put(x, self._where)

@@ -7,8 +7,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
-# One on-disk compilation cache for the subprocesses the tests start (CLIs, the server, the
-# notebook's kernel, the multi-device suite): each loads the programs another one compiled.
+# One on-disk compilation cache for the whole run: both xdist workers and every subprocess the
+# tests start (CLIs, the server, the notebook's kernel) load a program another one compiled.
 # Cached executables are keyed by the program, the options and the jax version, so they never
 # change a result; the engine counts a load from the cache as a compile all the same.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
@@ -19,13 +19,3 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # entry is written in place, and a process could read half of one).
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))
 
-
-def pytest_configure(config):
-    """The pytest processes themselves (the xdist workers) do not use the on-disk cache: XLA:CPU
-    aborted a worker while serializing an executable for it, late in a long run of compilations
-    in one process (tests/test_engine.py::test_quantized_models_hit_exactly, twice in CI; it
-    does not reproduce in a short process). Each worker compiles its own programs; the short
-    subprocesses keep the cache (the variables above are inherited)."""
-    import jax
-
-    jax.config.update("jax_enable_compilation_cache", False)
