@@ -36,7 +36,7 @@ demo: venv
 	$(PY) -m qoq_jax.demo --prompt "$(PROMPT)" --max-new-tokens 64
 
 test: venv ref-venv assets
-	QOQ_REF_PYTHON=$(REF_VENV)/bin/python $(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	QOQ_REF_PYTHON=$(REF_VENV)/bin/python PY=$(PY) scripts/run_tests.sh $(PYTEST_ARGS)
 
 # Without the real model and the torch oracle: seconds, for the edit-test loop.
 test-fast: venv
