@@ -13,15 +13,13 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import REPO, TINY_QUANT_CONFIGS, random_hf_weights, write_byte_tokenizer
+from test_server import Server
 
 import qoq_jax
 from qoq_jax.config import ModelConfig
@@ -51,32 +49,6 @@ def _lm_eval_python() -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return ref
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn serving an app in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
