@@ -1,8 +1,13 @@
-"""Speculative decoding (n-gram proposals) on and off in one process, interleaved: two engines
-over one model, the same loads, repeated; medians.
+"""Speculative decoding (n-gram or draft-model proposals) on and off in one process,
+interleaved: two engines over one model, the same loads, repeated; medians.
 
     .venv/bin/python benchmarks/speculative.py [--batches 1 4 16] [--max-tokens 64]
         [--repeats 3] [--k 7] [--max-batch N] [--variant fp32|w4a8kv4]
+        [--speculative ngram|draft:PATH]
+
+`--speculative draft:PATH` proposes with the model at PATH (the QoQ W4A8KV4 copy of the default
+model: `python -c "from qoq_jax.demo import default_qoq_dir; print(default_qoq_dir())"`; a
+quantized checkpoint runs with its own KV4 cache).
 
 Loads (greedy, chat template):
 - "quote": requests that quote their input back: "repeat/summarise this passage" over a piece
@@ -78,10 +83,11 @@ def make_load(llm, load: str, n: int, offset: int) -> list[list[int]]:
     return [[int(t) for t in p] for p in out]
 
 
-def run_load(engine, prompts, params) -> tuple[dict, list[list[int]]]:
+def run_load(engine, groups, params) -> tuple[dict, list[list[int]]]:
+    """Each group of prompts submitted together (a batch), the groups one after another."""
     before = engine.speculative_stats
     t0, c0 = time.perf_counter(), time.process_time()
-    results = engine.generate(prompts, params)
+    results = [r for prompts in groups for r in engine.generate(prompts, params)]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     after = engine.speculative_stats
     n = sum(len(r.tokens) for r in results)
@@ -106,11 +112,16 @@ def main(argv=None) -> int:
     ap.add_argument("--loads", nargs="+", default=["quote", "chat"])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts-per-point", type=int, default=8,
+                    help="at batch b, ceil(N / b) batches of b different prompts run one after "
+                         "another (one request's luck does not decide a batch-1 figure)")
     ap.add_argument("--k", type=int, default=7, help="num_speculative_tokens")
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
     ap.add_argument("--max-batch", type=int, default=None,
                     help="speculative_max_batch (default: the engine's, 2 on CPU; 0: any)")
+    ap.add_argument("--speculative", default="ngram", metavar="ngram|draft:PATH",
+                    help="the proposer (default ngram)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--variant", choices=["fp32", "w4a8kv4"], default="fp32")
     args = ap.parse_args(argv)
@@ -121,14 +132,22 @@ def main(argv=None) -> int:
     from qoq_jax.engine import Engine
     from qoq_jax.sampling import SamplingParams
 
+    from qoq_jax.speculative import speculative_arg
+
+    kind, draft_path = speculative_arg(args.speculative)
     llm = qoq_jax.load(None, dtype="float32",
                        quantize="rtn" if args.variant == "w4a8kv4" else None)
     kv = llm.engine.kv_cache
+    draft = {}
+    if kind == "draft":
+        d = qoq_jax.load(draft_path, dtype="float32")
+        draft = {"draft_model": d.model, "draft_kv_cache": d.engine.kv_cache}
     params = SamplingParams(max_new_tokens=args.max_tokens, stop_token_ids=())
     engines = {"off": Engine(llm.model, kv_cache=kv),
-               "on": Engine(llm.model, kv_cache=kv, speculative="ngram",
+               "on": Engine(llm.model, kv_cache=kv, speculative=kind,
                             num_speculative_tokens=args.k, ngram_min=args.ngram_min,
-                            ngram_max=args.ngram_max, speculative_max_batch=args.max_batch)}
+                            ngram_max=args.ngram_max, speculative_max_batch=args.max_batch,
+                            **draft)}
     for e in engines.values():
         e.warmup()
         e.generate(make_load(llm, "quote", 2, 0), params)  # first-run costs out of the way
@@ -136,13 +155,15 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
         for load in args.loads:
             for b in args.batches:
-                prompts = make_load(llm, load, b, offset=rep * 16)
+                n_groups = -(-args.prompts_per_point // b)
+                prompts = make_load(llm, load, b * n_groups, offset=rep * 16)
+                groups = [prompts[g * b:(g + 1) * b] for g in range(n_groups)]
                 # the two engines in alternating order, so that drifts in the machine's load
                 # fall on both
                 order = ["off", "on"] if rep % 2 == 0 else ["on", "off"]
                 tokens = {}
                 for name in order:
-                    row, tokens[name] = run_load(engines[name], prompts, params)
+                    row, tokens[name] = run_load(engines[name], groups, params)
                     rows.append({"engine": name, "load": load, "batch": b, "repeat": rep, **row})
                     print(rows[-1], flush=True)
                 if tokens["on"] != tokens["off"]:
@@ -204,7 +225,8 @@ def main(argv=None) -> int:
             summary[f"{load}/{b}"]["acceptance_rate"] for b in args.batches])
             for load in args.loads})]
     name = f"speculative{'-' + args.tag if args.tag else ''}"
-    plot_curves(out / f"{name}.png", f"n-gram speculation (k={args.k}, max batch "
+    what = "n-gram" if kind == "ngram" else f"draft-model ({Path(draft_path).name})"
+    plot_curves(out / f"{name}.png", f"{what} speculation (k={args.k}, max batch "
                 f"{meta['speculative_max_batch'] or 'any'}), {args.variant}, "
                 f"{meta['device']}, {meta['cpus']} CPUs", "batch (requests)", panels)
     return 1 if mismatches else 0

@@ -263,7 +263,7 @@ class LLM:
 
 def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
          verify_checkpoint: bool | None = None, gemm_backend: str = "auto",
-         tensor_parallel: int = 1, **engine_kwargs) -> LLM:
+         tensor_parallel: int = 1, draft_model=None, **engine_kwargs) -> LLM:
     """Load a model for generation.
 
     path: None (the embedded default model), a Hugging Face checkpoint directory, a .gguf file,
@@ -276,20 +276,52 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
     one all-reduce per attention block and per MLP); weights are read straight into their
     shards. Across hosts, call jax.distributed.initialize() first (every process runs the
     same program); the devices of all processes form the mesh.
+    draft_model: with speculative="draft", the model that proposes tokens: a path as for
+    `path` (a quantized checkpoint brings its KV4 cache as draft_kv_cache) or a loaded
+    Transformer; it must share the target's tokenizer (ValueError otherwise).
     Engine keywords (kv_cache="16bit" | "kv4" | "kv4-minmax", page_size,
-    max_slots, num_pages, kv_memory, ...: see EngineConfig) pass through.
+    max_slots, num_pages, kv_memory, speculative, num_speculative_tokens, ...: see
+    EngineConfig) pass through.
     """
     from pallas_kernels import resolve_gemm_backend
-    from qoq_jax import checkpoint, sharding
+    from qoq_jax import sharding
+
+    resolve_gemm_backend(gemm_backend)  # a misspelled backend fails now, not after loading
+    if draft_model is not None and engine_kwargs.get("speculative") != "draft":
+        raise ValueError("draft_model is given but speculative is "
+                         f"{engine_kwargs.get('speculative')!r}: pass speculative='draft'")
+    mesh = sharding.make_mesh(tensor_parallel)  # None for 1: the single-device path
+    if mesh is not None:
+        engine_kwargs["mesh"] = mesh
+    model, tokenizer, source, kv_cache = _load_model(
+        path, dtype=dtype, quantize=quantize, verify_checkpoint=verify_checkpoint,
+        gemm_backend=gemm_backend, mesh=mesh)
+    if kv_cache is not None:
+        engine_kwargs.setdefault("kv_cache", kv_cache)
+    if isinstance(draft_model, (str, os.PathLike)):
+        draft, draft_tokenizer, draft_source, draft_kv = _load_model(
+            draft_model, dtype=dtype, quantize=None, verify_checkpoint=verify_checkpoint,
+            gemm_backend=gemm_backend, mesh=None)
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"the draft model {draft_source} has another tokenizer than "
+                             f"{source}: a draft must share the target's vocabulary")
+        draft_model = draft
+        if draft_kv is not None:
+            engine_kwargs.setdefault("draft_kv_cache", draft_kv)
+    if draft_model is not None:
+        engine_kwargs["draft_model"] = draft_model
+    return LLM(model, tokenizer, source=source, **engine_kwargs)
+
+
+def _load_model(path, *, dtype, quantize, verify_checkpoint, gemm_backend, mesh):
+    """(model, tokenizer, source, kv_cache): a model as load() describes, and the KV cache its
+    quantization asks for (None for a float model)."""
+    from qoq_jax import checkpoint
     from qoq_jax.convert import quantize as run_quantize
     from qoq_jax.hf import load_tokenizer
     from qoq_jax.loading import load_source, resolve_dtype
     from qoq_jax.quant.config import QuantConfig
 
-    resolve_gemm_backend(gemm_backend)  # a misspelled backend fails now, not after loading
-    mesh = sharding.make_mesh(tensor_parallel)  # None for 1: the single-device path
-    if mesh is not None:
-        engine_kwargs["mesh"] = mesh
     dtype = resolve_dtype(dtype)
     if path is not None:
         p = Path(path)
@@ -302,16 +334,13 @@ def load(path: str | os.PathLike | None = None, *, dtype=None, quantize=None,
                 raise ValueError(f"{p} is already quantized")
             model, qcfg = checkpoint.load_model(p, dtype, verify=verify_checkpoint,
                                                 gemm_backend=gemm_backend, mesh=mesh)
-            engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
-            return LLM(model, load_tokenizer(p), source=str(p), **engine_kwargs)
+            return model, load_tokenizer(p), str(p), qcfg.kv_cache
     cfg, weights, tokenizer, source = load_source(None if path is None else str(path))
     if quantize is None:
         from qoq_jax.model import from_hf_weights
 
-        return LLM(from_hf_weights(cfg, weights, dtype, mesh=mesh), tokenizer, source=source,
-                   **engine_kwargs)
+        return from_hf_weights(cfg, weights, dtype, mesh=mesh), tokenizer, source, None
     qcfg = QuantConfig(method=quantize) if isinstance(quantize, str) else quantize
     # quantized on one device (offline work), then sharded by the engine
     model, _ = run_quantize(cfg, weights, tokenizer, qcfg, dtype=dtype, gemm_backend=gemm_backend)
-    engine_kwargs.setdefault("kv_cache", qcfg.kv_cache)
-    return LLM(model, tokenizer, source=f"{source} ({qcfg.method} on the fly)", **engine_kwargs)
+    return model, tokenizer, f"{source} ({qcfg.method} on the fly)", qcfg.kv_cache

@@ -41,6 +41,7 @@ from qoq_jax.runner import (COMPILES, DecodeOutput, DeviceRunner, Finish, StepOu
                             stack_params)
 from qoq_jax.sampling import SamplingParams
 from qoq_jax.scheduler import NeedsDrain, Plan, Scheduler, Sequence as Seq, Status
+from qoq_jax.draft import DraftProposer
 from qoq_jax.speculative import NgramProposer, SpeculativeStats
 from qoq_jax.structured import Constraint, ConstraintError, GrammarCompiler
 
@@ -98,8 +99,10 @@ class EngineConfig:
     prefix_caching: bool = True  # share the K/V pages of identical prompt prefixes
     # speculative decoding (qoq_jax/speculative.py): "ngram" proposes up to
     # num_speculative_tokens tokens per decoding sequence from the longest earlier occurrence
-    # (ngram_max down to ngram_min tokens) of its last tokens in its prompt and output; the
-    # output is the same as without (greedy and seeded sampling alike), only faster or not
+    # (ngram_max down to ngram_min tokens) of its last tokens in its prompt and output; "draft"
+    # has a second, smaller model with the same tokenizer propose them (Engine(draft_model=),
+    # qoq_jax/draft.py). The output is the same as without (greedy and seeded sampling alike),
+    # only faster or not
     speculative: str | None = None
     num_speculative_tokens: int = 7  # 1 + 7 tokens: a lone verification row fills the 8 bucket
     ngram_max: int = 4
@@ -108,10 +111,16 @@ class EngineConfig:
     # compute-bound CPU gains only where a step's fixed cost dominates: benchmarks/speculative.py
     # measures a loss at 4 and 16), GPU no limit
     speculative_max_batch: int | None = None
+    # the draft model's KV cache ("16bit" | "kv4" | "kv4-minmax"); None: the target's.
+    # qoq_jax.load takes a quantized draft checkpoint's own (KV4 for QoQ)
+    draft_kv_cache: str | None = None
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"kv_cache must be one of {KV_CACHE_KINDS}, not {self.kv_cache!r}")
+        if self.draft_kv_cache not in (None, *KV_CACHE_KINDS):
+            raise ValueError(f"draft_kv_cache must be one of {KV_CACHE_KINDS} or None, not "
+                             f"{self.draft_kv_cache!r}")
         ps = self.page_size
         if isinstance(ps, bool) or not isinstance(ps, int) or ps < 1 or ps & (ps - 1):
             raise ValueError(f"page_size must be a power of two >= 1, got {ps!r}")
@@ -192,7 +201,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, config: EngineConfig | None = None, *, mesh=None,
-                 **overrides):
+                 draft_model: Transformer | None = None, **overrides):
         cfg = dataclasses.replace(config or EngineConfig(), **overrides)
         self.engine_config = cfg
         self.model_config = self.config = model.config
@@ -249,6 +258,7 @@ class Engine:
             max_batch_tokens=self.prefill_budget, max_logprobs=self.max_logprobs,
             max_stop_ids=self.max_stop_ids, max_logit_bias=self.max_logit_bias, mesh=self.mesh,
             kernels=cfg.kernels, spec_k=self.spec_k)
+        self.draft = self._make_draft(draft_model, free - self.kv_bytes, gpu)
         self.prefix_caching = cfg.prefix_caching
         self.allocator = PageAllocator(num_pages, self.page_size, caching=self.prefix_caching)
         self.scheduler = self._new_scheduler()
@@ -280,7 +290,47 @@ class Engine:
         cfg = self.engine_config
         if cfg.speculative is None:
             return None
+        if cfg.speculative == "draft":
+            return self.draft
         return NgramProposer(cfg.num_speculative_tokens, cfg.ngram_max, cfg.ngram_min)
+
+    def _make_draft(self, draft_model: Transformer | None, free: int,
+                    gpu: bool) -> DraftProposer | None:
+        """The draft model's proposer (speculative="draft"): its own runner and KV pages, as
+        many tokens' worth as the target's pool plus a round's proposals per slot."""
+        cfg = self.engine_config
+        if cfg.speculative != "draft":
+            if draft_model is not None:
+                raise ValueError("a draft model is given but speculative is "
+                                 f"{cfg.speculative!r}: set speculative='draft' to use it")
+            return None
+        if draft_model is None:
+            raise ValueError("speculative='draft' needs a draft model (Engine(draft_model=...); "
+                             "qoq_jax.load(..., draft_model=PATH); --speculative draft:PATH)")
+        if self.tensor_parallel > 1:
+            raise ValueError("speculative='draft' does not run under tensor parallelism yet: "
+                             "use speculative='ngram', or no tensor parallelism")
+        d, m = draft_model.config, self.model_config
+        if d.vocab_size != m.vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {d.vocab_size} tokens, the "
+                             f"target's {m.vocab_size}: a draft must share the target's "
+                             f"tokenizer")
+        kv = cfg.draft_kv_cache or self.kv_cache
+        page_bytes = DeviceRunner.bytes_per_page(d, kv, self.page_size, draft_model.dtype)
+        per_round = -(-self.spec_k // self.page_size) + 1
+        num_pages = min(self.num_pages + self.max_slots * per_round,
+                        1 + self.max_slots * (self.max_pages_per_seq + per_round))
+        if num_pages * page_bytes > free:
+            fits = max(0, free // page_bytes)
+            raise EngineMemoryError(
+                f"the draft model's KV cache of {num_pages} pages needs "
+                f"{num_pages * page_bytes / 2**30:.2f} GiB beside the target's "
+                f"{self.kv_bytes / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB is left "
+                f"({fits} pages would fit): lower num_pages / kv_memory")
+        return DraftProposer(draft_model, k=self.spec_k, slots=self.max_slots,
+                             page_size=self.page_size, num_pages=num_pages,
+                             max_context=self.max_context + self.spec_k, kv_cache=kv,
+                             max_batch_tokens=self.prefill_budget, kernels=cfg.kernels)
 
     @property
     def params(self):
@@ -456,9 +506,11 @@ class Engine:
             # proposals follow each sequence's last token: read everything back first (the
             # cost of speculation: no host/device overlap; see docs/ARCHITECTURE.md)
             self._drain()
-        elif any(s.constrained and s.status == Status.DECODING for s in self.scheduler.running):
-            # a constrained row's mask follows its last token: everything read back first
-            # (lockstep; docs/ARCHITECTURE.md)
+        elif self._lockstep_with_prompts():
+            # a constrained row's mask follows its last token, and with prompt chunks the step
+            # is one program (the ragged step): everything read back first. Without prompt
+            # work it is a decode step in two programs, the masks computed while the forward
+            # runs (_dispatch_lockstep)
             self._drain()
         if not self.scheduler.has_work:
             self._drain()
@@ -483,6 +535,12 @@ class Engine:
         while len(self._pending) > (1 if not plan.empty else 0):
             self._process(self._pending.popleft())
 
+    def _lockstep_with_prompts(self) -> bool:
+        """A constrained sequence decodes while prompts wait or are being prefilled."""
+        running = self.scheduler.running
+        return any(s.constrained and s.status == Status.DECODING for s in running) and (
+            bool(self.scheduler.waiting) or any(s.status == Status.PREFILLING for s in running))
+
     def _drain(self) -> None:
         while self._pending:
             self._process(self._pending.popleft())
@@ -503,7 +561,11 @@ class Engine:
 
     def _dispatch(self, plan: Plan) -> None:
         if plan.ragged:
+            if plan.lockstep:  # masks need every token read back (normally drained already)
+                self._drain()
             self._dispatch_ragged(plan)
+        elif plan.lockstep:
+            self._dispatch_lockstep(plan)
         else:
             rows = self.runner.buckets.decode_rows(self.scheduler.occupied_rows())
             out = self.runner.decode(rows, plan.steps, self._take_retired())
@@ -536,7 +598,7 @@ class Engine:
                 logit(i, pos + j, j)
             pos += n
             rows.append((i, seq, seq.incarnation))
-            self._fill_mask(x, i, seq)
+            self._fill_mask(x.mask_on, x.allowed, i, seq)
         for i, chunk in enumerate(plan.chunks, start=len(plan.decode)):
             seq = chunk.seq
             x.slot[i], x.start[i], x.length[i], x.pos0[i] = seq.slot, pos, chunk.length, chunk.start
@@ -552,7 +614,7 @@ class Engine:
                     self._set_history(seq)
                 fresh.append((i, self._row_params(seq.params)))
                 rows.append((i, seq, seq.incarnation))
-                self._fill_mask(x, i, seq)
+                self._fill_mask(x.mask_on, x.allowed, i, seq)
         if fresh:
             new = stack_params([p for _, p in fresh], self.max_stop_ids, self.max_logit_bias)
             at = [i for i, _ in fresh]
@@ -563,16 +625,33 @@ class Engine:
         self.stats["ragged_steps"] += 1
         self._pending.append(_Dispatched(out, rows, proposals))
 
-    def _fill_mask(self, x, row: int, seq: Seq) -> None:
-        """A constrained row's allowed next tokens, from its matcher (every token it made is
-        read back: lockstep)."""
-        constraint = self._requests[seq.seq_id].constraint
-        if constraint is not None:
-            start = time.perf_counter()
-            constraint.fill(x.allowed[row])
-            x.mask_on[row] = True
-            self.stats["masks"] += 1
-            self.stats["mask_seconds"] += time.perf_counter() - start
+    def _dispatch_lockstep(self, plan: Plan) -> None:
+        """One decode step of every decode row while a constrained one decodes, in two
+        programs: the forward is dispatched first; while it runs the host reads back the
+        previous iteration (the constrained rows' last tokens advance their matchers) and
+        fills their masks; then the sampling, with the masks."""
+        rows = self.runner.buckets.decode_rows(self.scheduler.occupied_rows())
+        logits = self.runner.forward_rows(rows, self._retire.copy())
+        self._drain()
+        mask_on = np.zeros((self.runner.slots,), bool)
+        allowed = np.zeros((self.runner.slots, self.runner.mask_words), np.int32)
+        for seq in plan.decode:
+            self._fill_mask(mask_on, allowed, seq.slot, seq)
+        out = self.runner.sample_rows(logits, self._take_retired(), mask_on, allowed)
+        self.stats["lockstep_steps"] += 1
+        self._pending.append(_Dispatched(out, [(s.slot, s, s.incarnation) for s in plan.decode]))
+
+    def _fill_mask(self, mask_on: np.ndarray, allowed: np.ndarray, row: int, seq: Seq) -> None:
+        """A constrained row's allowed next tokens, from its matcher (which has consumed every
+        token the sequence made: they are read back first)."""
+        req = self._requests.get(seq.seq_id)
+        if req is None or req.constraint is None or seq.status == Status.FINISHED:
+            return
+        start = time.perf_counter()
+        req.constraint.fill(allowed[row])
+        mask_on[row] = True
+        self.stats["masks"] += 1
+        self.stats["mask_seconds"] += time.perf_counter() - start
 
     def _row_params(self, sp: SamplingParams) -> dict:
         return {"max_new": sp.max_new_tokens, "temperature": sp.temperature, "top_k": sp.top_k,
@@ -711,6 +790,8 @@ class Engine:
                 future.set_exception(RuntimeError(message))
         self._pending.clear()
         self.allocator = PageAllocator(self.num_pages, self.page_size, caching=self.prefix_caching)
+        if self.draft is not None:
+            self.draft.reset()
         self.scheduler = self._new_scheduler()
         self.runner.reset()
         self._retire[:] = False
@@ -789,8 +870,11 @@ class Engine:
         """Speculative decoding since the engine started: verification rows, tokens proposed
         and accepted (the target sampled the proposed token there), the acceptance rate, and
         all three by position (0: the first proposed token). Zeros without speculation."""
-        return {"kind": self.speculative, "num_speculative_tokens": self.spec_k,
-                **self._spec_stats.as_dict()}
+        out = {"kind": self.speculative, "num_speculative_tokens": self.spec_k,
+               **self._spec_stats.as_dict()}
+        if self.draft is not None:  # the draft model's own work
+            out["draft"] = dict(self.draft.stats)
+        return out
 
     @property
     def prefix_cache_stats(self) -> dict[str, float]:
@@ -805,15 +889,24 @@ class Engine:
         """Forget the cached pages no running request holds; returns how many were freed."""
         return self.allocator.clear_cache()
 
-    def warmup(self) -> int:
-        """Compile every program a workload can need (every ragged-step and decode bucket), so
-        that no request waits for a compilation; returns how many were compiled. Needs an idle
-        engine: the programs run on idle rows and the scratch page only."""
+    def warmup(self, structured: bool | None = None) -> int:
+        """Compile every program a workload can need (every ragged-step and decode bucket, and
+        with `structured` the two halves of a decode step that constrained decoding runs;
+        default: if the engine can compile constraints), so that no request waits for a
+        compilation; returns how many were compiled. Needs an idle engine."""
         if self.has_work:
             raise RuntimeError("warmup() needs an idle engine")
-        return self.runner.warmup()
+        if structured is None:
+            structured = self.grammar is not None
+        n = self.runner.warmup(structured=structured)
+        if self.draft is not None:
+            n += self.draft.warmup()
+        return n
 
     def program_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shapes the engine's programs are compiled for (tokens of a ragged step, rows of
-        a decode dispatch)."""
-        return self.runner.shapes()
+        a decode dispatch; a draft model's as draft_step and draft_decode)."""
+        shapes = self.runner.shapes()
+        if self.draft is not None:
+            shapes.update({f"draft_{k}": v for k, v in self.draft.runner.shapes().items()})
+        return shapes

@@ -496,6 +496,42 @@ def _spec_step(model, cache, slots: SlotState, page_table, inputs: StepInputs, *
     return out, slots, cache
 
 
+def _rows_forward(model, st: SlotState, table, cache, *, splits: int, mesh):
+    """The forward half of a decode step of rows st ([rows]): each live row feeds its last
+    token at its position (its K/V written); returns (logits [rows, V], cache)."""
+    rows = st.done.shape[0]
+    arange = jnp.arange(rows, dtype=jnp.int32)
+    active = ~st.done
+    batch = TokenBatch(tokens=st.last_token, positions=st.position,
+                       token_seq=jnp.where(active, arange, -1), q_start=arange,
+                       q_len=active.astype(jnp.int32), kv_len=st.position + active,
+                       page_table=table)
+    return forward(model, batch, cache, block_q=1, splits=splits, mesh=mesh)
+
+
+def _rows_advance(st: SlotState, logits, *, n_top: int, constraint=None):
+    """The sampling half: each live row samples from its logits (and its bitmask, constraint:
+    (mask_on, allowed) [rows]) and moves on one token; returns (token, logprob, top ids, top
+    logprobs, finish) [rows] and the new state."""
+    rows = st.done.shape[0]
+    arange = jnp.arange(rows, dtype=jnp.int32)
+    active = ~st.done
+    tok, finish, chosen, top_id, top_lp = _pick(
+        logits, st.params, st.num_generated, st.num_generated + 1, n_top,
+        (st.prompt_mask, st.output_counts, arange), constraint)
+    finish = jnp.where(active, finish, st.finish)
+    tok = jnp.where(active, tok, -1)
+    vocab = st.output_counts.shape[1]
+    st = dataclasses.replace(
+        st, output_counts=st.output_counts.at[arange, jnp.where(tok >= 0, tok, vocab)]
+        .add(1, mode="drop"))
+    st = dataclasses.replace(
+        st, last_token=jnp.where(active, tok, st.last_token), position=st.position + active,
+        num_generated=st.num_generated + active, done=st.done | (finish != Finish.RUNNING),
+        finish=finish)
+    return (tok, chosen, top_id, top_lp, finish), st
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows", "max_steps", "n_top",
                                              "splits", "mesh"),
                    donate_argnames=("cache", "slots"))
@@ -506,7 +542,6 @@ def _decode(graphdef, params, cache, slots: SlotState, page_table, retire, num_s
     full = dataclasses.replace(slots, done=slots.done | retire)
     st = _take(full, slice(0, rows))
     table = page_table[:rows]
-    arange = jnp.arange(rows, dtype=jnp.int32)
     out = DecodeOutput(token=jnp.full((rows, max_steps), -1, jnp.int32),
                        logprob=jnp.zeros((rows, max_steps), jnp.float32),
                        top_ids=jnp.zeros((rows, max_steps, n_top), jnp.int32),
@@ -519,25 +554,8 @@ def _decode(graphdef, params, cache, slots: SlotState, page_table, retire, num_s
 
     def body(carry):
         step, cache, st, out = carry
-        active = ~st.done
-        batch = TokenBatch(tokens=st.last_token, positions=st.position,
-                           token_seq=jnp.where(active, arange, -1), q_start=arange,
-                           q_len=active.astype(jnp.int32), kv_len=st.position + active,
-                           page_table=table)
-        logits, cache = forward(model, batch, cache, block_q=1, splits=splits, mesh=mesh)
-        tok, finish, chosen, top_id, top_lp = _pick(
-            logits, st.params, st.num_generated, st.num_generated + 1, n_top,
-            (st.prompt_mask, st.output_counts, arange))
-        finish = jnp.where(active, finish, st.finish)
-        tok = jnp.where(active, tok, -1)
-        vocab = st.output_counts.shape[1]
-        st = dataclasses.replace(
-            st, output_counts=st.output_counts.at[arange, jnp.where(tok >= 0, tok, vocab)]
-            .add(1, mode="drop"))
-        st = dataclasses.replace(
-            st, last_token=jnp.where(active, tok, st.last_token), position=st.position + active,
-            num_generated=st.num_generated + active, done=st.done | (finish != Finish.RUNNING),
-            finish=finish)
+        logits, cache = _rows_forward(model, st, table, cache, splits=splits, mesh=mesh)
+        (tok, chosen, top_id, top_lp, finish), st = _rows_advance(st, logits, n_top=n_top)
         out = DecodeOutput(token=out.token.at[:, step].set(tok),
                            logprob=out.logprob.at[:, step].set(chosen),
                            top_ids=out.top_ids.at[:, step].set(top_id),
@@ -548,6 +566,36 @@ def _decode(graphdef, params, cache, slots: SlotState, page_table, retire, num_s
     _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
     slots = jax.tree.map(lambda a, part: a.at[:rows].set(part), full, st)
     return out, _replicate(slots, mesh), cache
+
+
+# A decode step in two programs (structured output's lockstep): the forward, then the sampling
+# with masks the host computes from the previous token while the forward runs. The forward
+# changes no slot state (the K/V it writes are those any later program writes for the same
+# token at the same position), so the sampling half may also never come.
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rows", "splits", "mesh"),
+                   donate_argnames=("cache",))
+def _forward_rows(graphdef, params, cache, slots: SlotState, page_table, retire, *, rows: int,
+                  splits: int, mesh=None):
+    """The forward half of one decode step of slots [0, rows); returns (logits, cache)."""
+    model = nnx.merge(graphdef, params)
+    st = _take(dataclasses.replace(slots, done=slots.done | retire), slice(0, rows))
+    return _rows_forward(model, st, page_table[:rows], cache, splits=splits, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("n_top", "mesh"), donate_argnames=("slots",))
+def _sample_rows(slots: SlotState, logits, retire, mask_on, allowed, *, n_top: int, mesh=None):
+    """The sampling half of one decode step of slots [0, rows) (rows: logits' rows), with the
+    bitmasks of constrained rows; returns (DecodeOutput of one step, slots)."""
+    rows = logits.shape[0]
+    full = dataclasses.replace(slots, done=slots.done | retire)
+    st = _take(full, slice(0, rows))
+    (tok, chosen, top_id, top_lp, finish), st = _rows_advance(
+        st, logits, n_top=n_top, constraint=(mask_on[:rows], allowed[:rows]))
+    out = DecodeOutput(token=tok[:, None], logprob=chosen[:, None], top_ids=top_id[:, None],
+                       top_logprobs=top_lp[:, None], finish=finish)
+    slots = jax.tree.map(lambda a, part: a.at[:rows].set(part), full, st)
+    return out, _replicate(slots, mesh)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -602,7 +650,8 @@ class DeviceRunner:
     def __init__(self, model: Transformer, *, kv_cache: str, num_pages: int, page_size: int,
                  slots: int, max_pages_per_seq: int, max_batch_tokens: int, max_logprobs: int,
                  max_stop_ids: int, max_logit_bias: int = 1, mesh=None,
-                 kernels: str | None = None, spec_k: int = 0):
+                 kernels: str | None = None, spec_k: int = 0,
+                 min_step_tokens: int | None = None):
         self.model_config = model.config
         self.dtype = model.dtype
         self.mesh = mesh if sharding.tp_size(mesh) > 1 else None
@@ -626,8 +675,11 @@ class DeviceRunner:
         # speculative steps (spec_k proposed tokens per decode row at most): a smaller first
         # step bucket, so a lone sequence's verification row pads little
         self.spec_k = spec_k
+        # (min_step_tokens: a draft model's steps feed one or two tokens per sequence)
+        if min_step_tokens is None:
+            min_step_tokens = SPEC_MIN_TOKEN_BUCKET if spec_k else MIN_TOKEN_BUCKET
         self.buckets = Buckets(max_tokens=max_batch_tokens, slots=self.slots,
-                               min_tokens=SPEC_MIN_TOKEN_BUCKET if spec_k else MIN_TOKEN_BUCKET)
+                               min_tokens=min_step_tokens)
         tp = sharding.tp_size(self.mesh)
         self.splits = default_splits(max_pages_per_seq, slots,
                                      model.config.num_kv_heads // tp)
@@ -719,6 +771,27 @@ class DeviceRunner:
         _start_host_copy(out)
         return out
 
+    def forward_rows(self, rows: int, retire: np.ndarray):
+        """Dispatch the forward half of one decode step of slots [0, rows) (a decode bucket);
+        returns its logits (device array) for sample_rows."""
+        args = (self.params, self.cache, self.state, self._table_dev, self._put(retire))
+        exe = self._executable(("forward", rows), lambda: self._lower_forward(rows, args))
+        logits, self.cache = exe(*args)
+        return logits
+
+    def sample_rows(self, logits, retire: np.ndarray, mask_on: np.ndarray,
+                    allowed: np.ndarray) -> DecodeOutput:
+        """Dispatch the sampling half of the step forward_rows began (nothing may run between
+        them but the host's work): constrained rows (mask_on [slots]) take only the tokens
+        their bitmask (allowed [slots, words]) allows."""
+        args = (self.state, logits, self._put(retire), self._put(mask_on), self._put(allowed))
+        rows = logits.shape[0]
+        exe = self._executable(("sample", rows), lambda: _sample_rows.lower(
+            *args, n_top=self.max_logprobs, mesh=self.mesh))
+        out, self.state = exe(*args)
+        _start_host_copy(out)
+        return out
+
     # The compilation manager: one executable per program and bucket, compiled ahead of time
     # (warmup compiles them all, two at a time, without running them) and called directly.
 
@@ -731,6 +804,10 @@ class DeviceRunner:
     def _lower_step(self, args):
         return _step.lower(self.graphdef, *args, n_top=self.max_logprobs, splits=self.splits,
                            mesh=self.mesh, spec_k=self.spec_k)
+
+    def _lower_forward(self, rows, args):
+        return _forward_rows.lower(self.graphdef, *args, rows=rows, splits=self.splits,
+                                   mesh=self.mesh)
 
     def _lower_decode(self, rows, args):
         return _decode.lower(self.graphdef, *args, rows=rows, max_steps=self.max_decode_steps,
@@ -774,9 +851,10 @@ class DeviceRunner:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {"step": self.buckets.step, "decode": self.buckets.decode}
 
-    def warmup(self) -> int:
-        """Compile every program a workload can need (every step and decode bucket) ahead of
-        time, two at a time, without running any; returns how many were compiled."""
+    def warmup(self, structured: bool = False) -> int:
+        """Compile every program a workload can need (every step and decode bucket; with
+        `structured`, the two halves of a decode step that structured output's lockstep runs)
+        ahead of time, two at a time, without running any; returns how many were compiled."""
         import concurrent.futures
 
         self.allocate()
@@ -787,13 +865,29 @@ class DeviceRunner:
                 args = (self.params, self.cache, self.state, self._table_dev,
                         jax.tree.map(self._put, self.empty_inputs(t)))
                 todo.append((("step", t), self._lower_step(args)))
+        retire = self._put(np.zeros((self.slots,), bool))
         for rows in self.buckets.decode:
             if ("decode", rows) not in self._executables:
-                args = (self.params, self.cache, self.state, self._table_dev,
-                        self._put(np.zeros((self.slots,), bool)), self._put(np.int32(1)))
+                args = (self.params, self.cache, self.state, self._table_dev, retire,
+                        self._put(np.int32(1)))
                 todo.append((("decode", rows), self._lower_decode(rows, args)))
+            if structured and ("forward", rows) not in self._executables:
+                args = (self.params, self.cache, self.state, self._table_dev, retire)
+                todo.append((("forward", rows), self._lower_forward(rows, args)))
+        compile_ = lambda kl: kl[1].compile(compiler_options=self._compile_options)  # noqa: E731
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles off the GIL
-            compile_ = lambda kl: kl[1].compile(compiler_options=self._compile_options)  # noqa: E731
+            for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
+                self._executables[key] = exe
+            # the sampling halves take the forward halves' logits (their type and placement)
+            todo = []
+            for rows in self.buckets.decode if structured else ():
+                if ("sample", rows) not in self._executables:
+                    logits = self._executables[("forward", rows)].out_info[0]
+                    args = (self.state, logits, retire,
+                            self._put(np.zeros((self.slots,), bool)),
+                            self._put(np.zeros((self.slots, self.mask_words), np.int32)))
+                    todo.append((("sample", rows), _sample_rows.lower(
+                        *args, n_top=self.max_logprobs, mesh=self.mesh)))
             for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
                 self._executables[key] = exe
         return COMPILES.count - before

@@ -26,9 +26,8 @@ Policies (vLLM v1-style, first come first served):
   shares it (several samples of one prompt compute it once). Exact, because a token's K/V are
   computed the same way whatever the batch and the chunking;
 - structured output: a constrained sequence's next token needs a mask computed on the host
-  from its last one, so while one decodes, iterations are single ragged steps of every decode
-  row (lockstep: no multi-step decode dispatch, no proposals for it), and the engine reads
-  every token back before planning the next;
+  from its last one, so while one decodes, iterations are single steps of every decode row
+  (lockstep: no multi-step decode dispatch, no proposals for it);
 - when a decoding sequence needs a page and none is free, the most recently admitted running
   sequence is preempted (possibly the needy one itself): its slot and pages are freed, and it
   goes back to the front of the queue keeping the tokens it produced. Re-admitted, it prefills
@@ -46,6 +45,7 @@ import itertools
 
 from qoq_jax.pages import OutOfPagesError, PageAllocator, page_hashes
 from qoq_jax.sampling import SamplingParams
+from qoq_jax.speculative import ProposalRequest
 
 
 class Status(enum.Enum):
@@ -124,14 +124,16 @@ class Plan:
     freed_slots: list[int] = dataclasses.field(default_factory=list)  # of the preempted
     cached_tokens: int = 0  # context tokens the admissions found in the prefix cache
     proposals: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # by seq_id
-    # a decode row is constrained (structured output): one step, as a ragged step, whose
-    # rows' masks the host computed from every token read back
+    # a decode row is constrained (structured output): one step, whose constrained rows'
+    # masks the host computes from the token before (a decode step in two programs, the masks
+    # computed while the forward runs; or a ragged step, with prompt chunks, after every
+    # token is read back)
     lockstep: bool = False
 
     @property
     def ragged(self) -> bool:
-        """A ragged step: prompt chunks, decode rows with proposals to verify, or lockstep."""
-        return bool(self.chunks or self.proposals or self.lockstep)
+        """A ragged step: prompt chunks, or decode rows with proposals to verify."""
+        return bool(self.chunks or self.proposals)
 
     @property
     def num_tokens(self) -> int:
@@ -337,17 +339,17 @@ class Scheduler:
             plan.admitted.append(seq)
             plan.chunks.append(chunk)
             budget -= chunk.length
-        # 3. no prompt work: a decode dispatch of several steps (pages for all of them), unless
-        # a decode row is constrained: its next mask needs its last token
+        # 3. no prompt work: a decode dispatch of several steps (pages for all of them), or of
+        # one step if a decode row is constrained: its next mask needs its last token
         plan.lockstep = bool(plan.decode) and any(s.constrained for s in plan.decode)
         if plan.ragged:
             plan.steps = 1
             self._fit(plan)
         elif plan.decode:
-            plan.steps = self.decode_steps
+            plan.steps = 1 if plan.lockstep else self.decode_steps
             for seq in list(plan.decode):
                 if seq.status == Status.DECODING:
-                    self._grow(seq, self.decode_steps, plan, inflight)
+                    self._grow(seq, plan.steps, plan, inflight)
             plan.decode = [s for s in plan.decode if s.status == Status.DECODING]
         self._commit(plan)
         return plan
@@ -355,8 +357,10 @@ class Scheduler:
     def _propose(self, plan: Plan) -> None:
         """Proposals for plan.decode's sequences: at most what is left of each one's budget
         (a sequence near max_new_tokens proposes fewer), of the step's token budget (half of
-        it, so prompts still progress), and of the pages it can get without preempting."""
+        it, so prompts still progress), and of the pages it can get without preempting. The
+        proposer answers every sequence's request at once (a draft model batches them)."""
         room = self.max_batch_tokens // 2 - len(plan.decode)
+        asks = []
         for seq in plan.decode:
             if seq.constrained:  # a proposal would need the mask after each proposed token
                 continue
@@ -364,7 +368,14 @@ class Scheduler:
             k = min(self.proposer.k, left, room)
             if k <= 0:
                 continue
-            proposal = self.proposer.propose(seq.prompt + seq.output, k)
+            asks.append(ProposalRequest(seq.seq_id, seq.slot, seq.prompt + seq.output, k))
+            room -= k
+        if not asks:
+            return
+        by_id = {s.seq_id: s for s in plan.decode}
+        for ask, proposal in zip(asks, self.proposer.propose_many(asks)):
+            seq = by_id[ask.seq_id]
+            proposal = list(proposal)[:ask.k]
             if not proposal:
                 continue
             owned = len(self.allocator.pages(seq.seq_id)) * self.allocator.page_size
@@ -374,7 +385,6 @@ class Scheduler:
                 proposal = proposal[:max(0, owned - seq.kv_tokens - 1)]
             if proposal:
                 plan.proposals[seq.seq_id] = proposal
-                room -= len(proposal)
 
     # Padding a ragged step costs compute for nothing, but a step's time is mostly reading the
     # weights until it holds a few hundred tokens: trimming is worth a later step only when
@@ -447,6 +457,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq.seq_id in self.allocator.owners:
             self.allocator.free(seq.seq_id)
+        if self.proposer is not None:  # a draft model frees its pages for it too
+            self.proposer.release(seq.seq_id)
         heapq.heappush(self._free_slots, seq.slot)
         seq.slot = None
 

@@ -1,5 +1,6 @@
-"""Speculative decoding's proposals: n-gram (prompt lookup) proposals from a sequence's own
-tokens, and the engine's acceptance statistics.
+"""Speculative decoding's proposals: what a proposer is asked (``ProposalRequest``), n-gram
+(prompt lookup) proposals from a sequence's own tokens, and the engine's acceptance statistics.
+Draft-model proposals (a second, smaller model) live in qoq_jax/draft.py.
 
 A decoding sequence's last ``n`` tokens (``ngram_max`` down to ``ngram_min``) are looked up in
 its earlier tokens (prompt and output); the tokens that followed the most recent earlier
@@ -18,10 +19,22 @@ Plain Python and NumPy, no JAX.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
-SPECULATIVE_KINDS = ("ngram",)
+SPECULATIVE_KINDS = ("ngram", "draft")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalRequest:
+    """One decoding sequence's ask for proposals (the scheduler makes these; a proposer
+    answers all of an iteration's at once, so a draft model runs them as one batch)."""
+
+    seq_id: int
+    slot: int  # its decode slot (a draft model keeps its own state in the same row)
+    tokens: Sequence[int]  # prompt + output, every token read back
+    k: int  # the most tokens to propose (already capped by its budget and the step's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +77,16 @@ class NgramProposer:
                 return out
         return []
 
+    def propose_many(self, requests: Sequence[ProposalRequest]) -> list[list[int]]:
+        """Proposals for each request, in order (each independent: a lookup in its tokens)."""
+        return [self.propose(r.tokens, r.k) for r in requests]
+
+    def release(self, seq_id: int) -> None:
+        """A sequence left its slot (finished or preempted): n-gram proposals keep no state."""
+
+    def reset(self) -> None:
+        """Forget every sequence (after an internal error)."""
+
 
 class SpeculativeStats:
     """Proposed and accepted tokens, in total and by position (0: the first proposed token)."""
@@ -89,16 +112,32 @@ class SpeculativeStats:
                     float(x / y) if y else 0.0 for x, y in zip(self.accepted, self.proposed)]}
 
 
+def speculative_arg(text: str) -> tuple[str, str | None]:
+    """--speculative's value: "ngram" -> ("ngram", None), "draft:PATH" -> ("draft", PATH)."""
+    import argparse
+
+    if text == "ngram":
+        return "ngram", None
+    if text.startswith("draft:") and text[len("draft:"):]:
+        return "draft", text[len("draft:"):]
+    raise argparse.ArgumentTypeError(
+        f"expected 'ngram' or 'draft:PATH' (a draft model with the target's tokenizer: a "
+        f"quantized checkpoint, a Hugging Face directory or a .gguf file), got {text!r}")
+
+
 def add_speculative_args(parser) -> None:
     """--speculative, --num-speculative-tokens, --ngram-max, --ngram-min,
     --speculative-max-batch (generate, serve)."""
     from qoq_jax.cli import bounded_int
 
-    parser.add_argument("--speculative", choices=SPECULATIVE_KINDS,
-                        help="speculative decoding: 'ngram' proposes tokens from earlier "
-                             "occurrences of a sequence's last tokens in its prompt and output "
-                             "(prompt lookup) and verifies them in one pass; the output is the "
-                             "same as without (off by default)")
+    parser.add_argument("--speculative", type=speculative_arg, metavar="ngram|draft:PATH",
+                        help="speculative decoding, verified in one pass of the model; the "
+                             "output is the same as without (off by default). 'ngram' proposes "
+                             "tokens from earlier occurrences of a sequence's last tokens in its "
+                             "prompt and output (prompt lookup); 'draft:PATH' has a smaller "
+                             "model with the same tokenizer propose them (a quantized "
+                             "checkpoint, e.g. the QoQ W4A8KV4 copy of the model, keeps its KV4 "
+                             "cache)")
     parser.add_argument("--num-speculative-tokens", type=bounded_int(1, 15), default=7,
                         help="the most tokens proposed per sequence and step (default 7: with "
                              "its last token a lone sequence's row fills an 8-token step)")
@@ -113,10 +152,13 @@ def add_speculative_args(parser) -> None:
 
 
 def engine_kwargs(args) -> dict:
-    """The EngineConfig fields of add_speculative_args' flags ({} when off)."""
+    """qoq_jax.load's keywords for add_speculative_args' flags ({} when off)."""
     if not args.speculative:
         return {}
-    return {"speculative": args.speculative,
-            "num_speculative_tokens": args.num_speculative_tokens,
-            "ngram_max": args.ngram_max, "ngram_min": args.ngram_min,
-            "speculative_max_batch": args.speculative_max_batch}
+    kind, draft = args.speculative
+    out = {"speculative": kind, "num_speculative_tokens": args.num_speculative_tokens,
+           "ngram_max": args.ngram_max, "ngram_min": args.ngram_min,
+           "speculative_max_batch": args.speculative_max_batch}
+    if draft is not None:
+        out["draft_model"] = draft
+    return out

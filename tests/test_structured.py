@@ -147,9 +147,48 @@ def test_free_requests_keep_their_tokens_next_to_constrained_ones(llm):
     c_alone = llm.generate(PROMPTS[:2], chat=True, params=c_params)
     mixed = llm.generate(FREE + PROMPTS[:2], chat=True,
                          params=[free] * len(FREE) + [c_params] * 2)
+    steps = llm.engine.stats["lockstep_steps"]
+    mixed = llm.generate(FREE + PROMPTS[:2], chat=True,
+                         params=[free] * len(FREE) + [c_params] * 2)
     assert [c.token_ids for c in mixed[:len(FREE)]] == [c.token_ids for c in alone]
     assert [c.token_ids for c in mixed[len(FREE):]] == [c.token_ids for c in c_alone]
     assert llm.engine.stats["masks"] > 0
+    # the mixed batch decoded in split steps (masks computed while the forward ran)
+    assert llm.engine.stats["lockstep_steps"] > steps
+
+
+def test_lockstep_steps_are_warmed_up_and_keep_free_rows_exact(tmp_path):
+    """A tiny model with a byte tokenizer: warmup() compiles the two halves of a lockstep
+    decode step, so a constrained workload (constrained and free requests arriving while others
+    decode: ragged and split lockstep steps) compiles nothing; the free requests' tokens are
+    those they have alone, the constrained outputs match their regex."""
+    from helpers import make_tiny_quant_checkpoint
+
+    from qoq_jax.runner import COMPILES
+
+    llm = qoq_jax.load(make_tiny_quant_checkpoint(tmp_path / "m", "llama", seed=4),
+                       max_slots=4, page_size=16, num_pages=64, prefill_chunk=32)
+    eng = llm.engine
+    assert eng.warmup() > 0
+    assert {f"forward/{r}" for r in eng.program_shapes()["decode"]} <= set(
+        eng.runner.compiled_programs)
+    free = qoq_jax.SamplingParams(max_new_tokens=20, stop_token_ids=())
+    want = [llm.generate(p, params=free)[0].token_ids for p in ("abc", "hello there")]
+    before = COMPILES.count
+    regex = qoq_jax.SamplingParams(max_new_tokens=30, structured=structured_output(
+        regex="[a-c]{3,6}-[0-9]{2,4}"))
+    ids = [eng.submit(llm.encode("abc"), free), eng.submit(llm.encode("x"), regex)]
+    for _ in range(3):
+        eng.step()
+    ids += [eng.submit(llm.encode("hello there"), free), eng.submit(llm.encode("yz"), regex)]
+    eng.run(lambda: all(eng.finished(i) for i in ids))
+    got = [eng.result(i) for i in ids]
+    assert COMPILES.count == before
+    assert got[0].tokens == want[0] and got[2].tokens == want[1]
+    for r in (got[1], got[3]):
+        text = llm.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        assert re.fullmatch(r"[a-c]{3,6}-[0-9]{2,4}", text), text
+    assert eng.stats["lockstep_steps"] > 0
 
 
 @pytest.mark.slow
