@@ -8,8 +8,8 @@
 #
 #   --quick    fewer shapes; the QServe throughput setting at batch 256 only. About 4 minutes on
 #              an H100/H200 (estimate: ceilings 10 s, kernel tests 60 s, Mosaic tests 25 s,
-#              engine tests 40 s, gemm 45 s, grouped gemm 20 s, attention 20 s, throughput
-#              2 x ~45 s; compile
+#              engine tests 40 s, gemm 45 s, grouped gemm 20 s, attention 20 s, speculative
+#              cost 40 s, throughput 2 x ~45 s; compile
 #              times on the card are the unknown, the per-step times in the log say).
 #   --dry-run  every step on the CPU: the same pytest lines (kernels in interpret mode, the
 #              engine on the XLA kernels), each benchmark with --smoke (tiny shapes, interpret
@@ -144,6 +144,8 @@ log="$OUT/gpu_check.log"
     step gemm-sweep 400 env OUT="$OUT/sweep" "$PY" benchmarks/gemm.py --quick --mgpu-sweep $SMOKE
   fi
   step attention 120 "$PY" benchmarks/attention.py $QUICK $SMOKE
+  # speculative decoding with a W4A8KV4 draft: the round's programs and the expected speedup
+  step speculative 120 "$PY" benchmarks/speculative_cost.py $SMOKE
   if [ -n "$QUICK" ]; then
     step throughput 300 "$PY" benchmarks/throughput.py --quick --batches 256 $SMOKE
   else

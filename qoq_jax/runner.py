@@ -39,6 +39,7 @@ import dataclasses
 import enum
 import functools
 import threading
+import weakref
 from collections.abc import Sequence
 
 import jax
@@ -86,6 +87,34 @@ class CompileLog:
 
 COMPILES = CompileLog()
 jax.monitoring.register_event_duration_secs_listener(COMPILES)
+
+
+class ExecutableCache:
+    """Compiled programs shared by the runners of one process: a runner whose signature (model
+    structure, array shapes and placements, static settings: DeviceRunner._signature) equals
+    a live runner's runs the executables that one compiled (two engines over one model, or
+    over two models of one architecture and size, compile each program once). It holds them
+    weakly: a program lives as long as some runner holds it (each XLA:CPU executable keeps
+    hundreds of memory mappings of JIT code; a process may have 65,530)."""
+
+    def __init__(self):
+        self._items: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key, exe) -> None:
+        with self._lock:
+            self._items[key] = exe
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+SHARED_EXECUTABLES = ExecutableCache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,6 +717,7 @@ class DeviceRunner:
         self._table = np.zeros((self.slots, max_pages_per_seq), np.int32)
         self._table_dev = None
         self._executables: dict[tuple[str, int], object] = {}
+        self._sig = None  # _signature(), once the device state exists
         # XLA's default pipelines. (LLVM's cheaper pipeline on CPU, xla_backend_optimization_level
         # 1 with xla_llvm_disable_expensive_passes, compiled ~25% faster, but XLA:CPU crashed
         # compiling or serializing these programs with it, late in long processes: CI, three
@@ -798,8 +828,32 @@ class DeviceRunner:
     def _executable(self, key, lower):
         exe = self._executables.get(key)
         if exe is None:
-            exe = self._executables[key] = lower().compile(compiler_options=self._compile_options)
+            exe = self._shared(key)
+            if exe is None:
+                exe = lower().compile(compiler_options=self._compile_options)
+                SHARED_EXECUTABLES.put((key, self._signature()), exe)
+            self._executables[key] = exe
         return exe
+
+    def _shared(self, key):
+        """An executable another runner of the same signature compiled (None if none)."""
+        return SHARED_EXECUTABLES.get((key, self._signature()))
+
+    def _signature(self):
+        """What decides this runner's programs besides the program and bucket: the model's
+        structure, the shapes, dtypes and placements of its weights, pools, slot state and page
+        table, and the static settings (computed once, after allocate)."""
+        if self._sig is None:
+            def arrays(tree):
+                return (jax.tree.structure(tree), tuple(
+                    (x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree)))
+
+            self._sig = (self.graphdef, arrays(self.params), arrays(self.cache),
+                         arrays(self.state), self._table.shape, self.max_logprobs,
+                         self.max_stop_ids, self.max_logit_bias, self.mask_words, self.splits,
+                         self.mesh, self.spec_k, self.buckets,
+                         tuple(sorted(self._compile_options.items())))
+        return self._sig
 
     def _lower_step(self, args):
         return _step.lower(self.graphdef, *args, n_top=self.max_logprobs, splits=self.splits,
@@ -859,6 +913,11 @@ class DeviceRunner:
 
         self.allocate()
         before = COMPILES.count
+        for kind in ("step", "decode", "forward", "sample"):
+            for n in (self.buckets.step if kind == "step" else self.buckets.decode):
+                exe = self._shared((kind, n))
+                if exe is not None:
+                    self._executables.setdefault((kind, n), exe)
         todo = []
         for t in self.buckets.step:
             if ("step", t) not in self._executables:
@@ -878,6 +937,7 @@ class DeviceRunner:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles off the GIL
             for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
                 self._executables[key] = exe
+                SHARED_EXECUTABLES.put((key, self._signature()), exe)
             # the sampling halves take the forward halves' logits (their type and placement)
             todo = []
             for rows in self.buckets.decode if structured else ():
@@ -890,6 +950,7 @@ class DeviceRunner:
                         *args, n_top=self.max_logprobs, mesh=self.mesh)))
             for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
                 self._executables[key] = exe
+                SHARED_EXECUTABLES.put((key, self._signature()), exe)
         return COMPILES.count - before
 
     # ------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 # Tests run on CPU (CI and the development machines have no GPU). A GPU run sets it itself.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,3 +31,23 @@ def pytest_configure(config):
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module: drop the compiled programs nothing needs any more (JAX's caches,
+    the module's engines). Every XLA:CPU executable keeps memory mappings of its JIT code (a
+    default engine's 10 programs: ~4,700), and a process may have 65,530 (vm.max_map_count);
+    at the limit XLA's LLVM JIT fails ("Cannot allocate memory", reproduced by filling the
+    mappings first). Workers that kept every program of a group of test files reached 41,000
+    mappings (2026-12-07), and workers died inside XLA late in long runs (2026-12-03/04/07)."""
+    yield
+    import gc
+
+    import jax
+
+    from qoq_jax.runner import SHARED_EXECUTABLES
+
+    SHARED_EXECUTABLES.clear()
+    jax.clear_caches()
+    gc.collect()

@@ -344,3 +344,36 @@ def build_family_checkpoints(root: Path, configs: dict[str, dict], extra_jobs=()
     for d in dirs.values():
         write_byte_tokenizer(d)
     return dirs, out
+
+
+# QoQ with a small calibration and without GPTQ's rounding search: these change which integers
+# the weights hold, not the runtime path (the same packed formats, INT8 activations and KV4
+# cache), which is what the engine tests on the real model are about.
+QUICK_QOQ = dict(calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False)
+
+
+def quick_qoq_default_model(weight_format: str = "g128"):
+    """The default model quantized with QUICK_QOQ, converted once per machine (and per version
+    of the quantization code) into a checkpoint in the cache, loaded from there (float32): the
+    tests of several files use it, and quantizing takes longer than loading."""
+    import hashlib
+    import shutil
+
+    import qoq_jax
+    from qoq_jax import assets
+    from qoq_jax.convert import convert
+    from qoq_jax.quant.config import QuantConfig
+
+    pkg = REPO / "qoq_jax"
+    sources = sorted([*pkg.glob("quant/*.py"), pkg / "convert.py", pkg / "checkpoint.py",
+                      REPO / "pallas_kernels" / "packing.py"])
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    name = f"test-quick-qoq-{weight_format}-{digest}"
+    target = assets.cache_dir() / "models" / name
+    with assets.cache_lock(name):
+        if not (target / "config.json").exists():
+            if target.exists():
+                shutil.rmtree(target)
+            convert(None, str(target), QuantConfig(weight_format=weight_format, **QUICK_QOQ),
+                    progress=False)
+    return qoq_jax.load(target, dtype="float32")

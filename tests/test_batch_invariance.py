@@ -4,12 +4,14 @@ being preempted and recomputed, and with a prefix-cache hit (equal to an engine 
 caching); for the float model and QoQ W4A8 (g128 and per-channel), with the 16-bit and the KV4
 cache.
 
-The QoQ models are quantized with a small calibration and without GPTQ's rounding search: those
-change which integers the weights hold, not the runtime path (the same packed formats, INT8
-activations and KV4 cache), which is what batch invariance is about; it keeps CI short."""
+The QoQ models are quantized with a small calibration and without GPTQ's rounding search
+(helpers.quick_qoq_default_model): those change which integers the weights hold, not the
+runtime path (the same packed formats, INT8 activations and KV4 cache), which is what batch
+invariance is about; it keeps CI short."""
 
 import numpy as np
 import pytest
+from helpers import quick_qoq_default_model
 
 import qoq_jax
 from qoq_jax import assets
@@ -39,10 +41,13 @@ def prompts(fp):
     return out
 
 
+# A pool too small for 32 sequences at once (16 run together): the batch run preempts. Every
+# engine here has these shapes, so they share their compiled programs (runner.SHARED_EXECUTABLES)
+ENGINE = dict(max_slots=16, prefill_chunk=128, prefill_budget=512, num_pages=24)
+
+
 def _check(model, prompts, kv_cache):
-    # A pool too small for 32 sequences at once (16 run together): the batch run preempts.
-    engine = Engine(model, kv_cache=kv_cache, max_slots=16, prefill_chunk=128,
-                    prefill_budget=512, num_pages=24)
+    engine = Engine(model, kv_cache=kv_cache, **ENGINE)
     params = qoq_jax.SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=())
     batch = engine.generate(prompts, params)
     preempted = [i for i, r in enumerate(batch) if r.preemptions]
@@ -55,21 +60,20 @@ def _check(model, prompts, kv_cache):
             f"{kv_cache}: prompt {i} ({len(prompts[i])} tokens"
             f"{', preempted' if i in preempted else ''}) differs in a batch")
     assert all(len(r.tokens) == NEW_TOKENS for r in batch)
-    _check_prefix_cache(model, prompts, kv_cache)
+    _check_prefix_cache(engine, model, prompts, kv_cache)
 
 
-def _check_prefix_cache(model, prompts, kv_cache):
+def _check_prefix_cache(engine, model, prompts, kv_cache):
     """Prefix caching is exact: requests that share a 200-token system prompt (real text) reuse
     its pages, and their greedy tokens equal those of an engine without prefix caching."""
     system = [t for p in prompts for t in p][:200]
     shared = [system + p[:20] for p in prompts[:4]]
     params = qoq_jax.SamplingParams(max_new_tokens=NEW_TOKENS, stop_token_ids=())
-    eng = Engine(model, kv_cache=kv_cache, max_slots=4, prefill_chunk=128)
-    first = eng.generate(shared[:1], params)
-    rest = eng.generate(shared[1:], params)
+    engine.clear_prefix_cache()
+    first = engine.generate(shared[:1], params)
+    rest = engine.generate(shared[1:], params)
     assert all(r.cached_tokens >= 192 for r in rest), [r.cached_tokens for r in rest]
-    cold = Engine(model, kv_cache=kv_cache, max_slots=4, prefill_chunk=128,
-                  prefix_caching=False)
+    cold = Engine(model, kv_cache=kv_cache, **ENGINE, prefix_caching=False)
     for r, p in zip(first + rest, shared):
         assert r.tokens == cold.generate([p], params)[0].tokens, f"{kv_cache}: a hit differs"
 
@@ -81,9 +85,6 @@ def test_float_model(fp, prompts, kv_cache):
 
 @pytest.mark.parametrize("fmt", ["g128", "per-channel"])
 def test_qoq_model(prompts, fmt):
-    from qoq_jax.quant.config import QuantConfig
-
-    q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
-        weight_format=fmt, calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False))
+    q = quick_qoq_default_model(fmt)
     for kv_cache in ("16bit", "kv4"):
         _check(q.model, prompts, kv_cache)

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 BENCHMARKS = ("ceilings", "gemm", "grouped_gemm", "attention", "throughput", "long_context",
-              "summary")
+              "speculative_cost", "summary")
 
 
 def _env(**kw):
@@ -62,6 +62,12 @@ def test_smoke_runs_and_the_summary_reads_what_they_wrote(tmp_path):
     assert "0 cached prompt tokens" in r.stdout
     assert (out / "throughput.json").exists()
     assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+    r = _run([sys.executable, "benchmarks/speculative_cost.py", "--smoke", "--batches", "2"],
+             OUT=str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"batch 2: target decode .* round .* tokens: [0-9.]+x", r.stdout), r.stdout
+    assert (out / "speculative_cost.json").exists()
 
     r = _run([sys.executable, "benchmarks/summary.py", "--strict", str(out)])
     lines = r.stdout.splitlines()

@@ -180,15 +180,15 @@ def test_the_draft_keeps_only_the_kv_that_still_holds(draft):
     assert prop.allocator.num_used == 0
 
 
-def test_kv4_preemption_and_a_kv4_draft(target, draft):
-    """A pool too small for the load (preemptions: the draft's pages go with the sequence's),
-    the KV4 cache for both: the target's tokens, and every page of both pools back."""
+def test_preemption_frees_the_drafts_pages_too(target, draft):
+    """A pool too small for the load (preemptions: the draft's pages go with the sequence's):
+    the target's tokens, and every page of both pools back at the end. (The KV4 cache, for the
+    target and as the draft's own: the real-model test below and tests/test_speculative.py.)"""
     prompts = _prompts(6, seed=3)
     params = SamplingParams(max_new_tokens=24, stop_token_ids=())
-    small = {"num_pages": 12, "kv_cache": "kv4", "max_slots": 4}
+    small = {"num_pages": 12, "max_slots": 4}
     want = Engine(target, **{**KW, **small}).generate(prompts, params)
     eng = _draft_engine(target, draft, **small, prefix_caching=False)
-    assert eng.draft.runner.kv_cache == "kv4"
     got = eng.generate(prompts, params)
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert eng.stats["preemptions"] > 0 and eng.speculative_stats["accepted"] > 0
@@ -259,16 +259,16 @@ def test_real_model_with_its_qoq_copy_as_draft():
     speculation in a full batch and alone, and the draft's first proposal is mostly right."""
     import qoq_jax
     from qoq_jax import assets
+    from helpers import quick_qoq_default_model
+
     from qoq_jax.eval.data import load_documents
-    from qoq_jax.quant.config import QuantConfig
 
     llm = qoq_jax.load(dtype="float32")
-    q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
-        weight_format="g128", calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False))
+    q = quick_qoq_default_model("g128")
     prompts = [llm.encode(d[:200], chat=True)
-               for d in load_documents(assets.wiki_summaries_path())[:12]]
-    params = SamplingParams(max_new_tokens=24)
-    kw = {"max_slots": 8, "prefill_chunk": 128, "prefill_budget": 256}
+               for d in load_documents(assets.wiki_summaries_path())[:8]]
+    params = SamplingParams(max_new_tokens=16)
+    kw = {"max_slots": 4, "prefill_chunk": 128, "prefill_budget": 256}
     want = Engine(llm.model, **kw).generate(prompts, params)
     eng = Engine(llm.model, **kw, speculative="draft", draft_model=q.model,
                  draft_kv_cache="kv4", num_speculative_tokens=4, speculative_max_batch=0)
@@ -276,6 +276,7 @@ def test_real_model_with_its_qoq_copy_as_draft():
     for i, (w, g) in enumerate(zip(want, got)):
         assert g.tokens == w.tokens, f"prompt {i} differs with the draft"
     assert eng.generate([prompts[5]], params)[0].tokens == want[5].tokens
+    assert eng.draft.runner.kv_cache == "kv4"
     st = eng.speculative_stats
     assert st["acceptance_rate_per_position"][0] > 0.5, st
     assert 0 < st["accepted"] < st["proposed"]

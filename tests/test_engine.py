@@ -16,6 +16,7 @@ from qoq_jax.eval.scoring import score
 from qoq_jax.hf import CheckpointError, SafetensorsCheckpoint
 from qoq_jax.kv_cache import PagedKVCache
 from qoq_jax.model import decode_step, from_hf_weights, prefill
+from qoq_jax.runner import SHARED_EXECUTABLES
 from qoq_jax.sampling import SamplingParams, sample
 
 GREEDY = SamplingParams(max_new_tokens=11, stop_token_ids=())
@@ -452,6 +453,7 @@ def test_a_default_engine_compiles_a_handful_of_programs(tmp_path):
     shapes = eng.program_shapes()
     assert shapes == {"step": (16, 32, 64, 128, 256, 512), "decode": (2, 4, 8, 16)}
     eng.runner.allocate()  # the pools (zeros: a small program of their own, once)
+    SHARED_EXECUTABLES.clear()  # nothing from another test's engine of the same shapes
     before = COMPILES.count
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 100, n).tolist() for n in (1, 5, 17, 40, 90, 200, 300, 700)]
@@ -470,6 +472,26 @@ def test_a_default_engine_compiles_a_handful_of_programs(tmp_path):
     assert compiled == len(names) <= 16, (compiled, names)
     assert set(names) <= {f"step/{t}" for t in shapes["step"]} | {
         f"decode/{r}" for r in shapes["decode"]}
+
+
+def test_engines_of_equal_shapes_share_their_programs(model):
+    """A second engine over the same model and shapes compiles nothing for the same workload
+    (runner.SHARED_EXECUTABLES) and gives the same tokens; one whose pool has another size
+    compiles its own programs."""
+    prompts = _prompts(3, seed=21)
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    SHARED_EXECUTABLES.clear()
+    first = _engine(model, num_pages=90)
+    want = first.generate(prompts, params)
+    before = COMPILES.count
+    second = _engine(model, num_pages=90)
+    assert [r.tokens for r in second.generate(prompts, params)] == [r.tokens for r in want]
+    assert COMPILES.count == before and second.runner.compiled_programs
+    second.warmup()  # the buckets neither ran: compiled here, once
+    assert _engine(model, num_pages=90).warmup() == 0
+    other = _engine(model, num_pages=91)
+    other.generate(prompts, params)
+    assert COMPILES.count > before
 
 
 @pytest.mark.parametrize("kind", ["16bit", "kv4"])

@@ -246,7 +246,7 @@ def real_prompts():
 
 def _check_real(model, prompts, kv_cache):
     params = SamplingParams(max_new_tokens=24, stop_token_ids=())
-    kw = {"kv_cache": kv_cache, "max_slots": 16, "prefill_chunk": 128, "prefill_budget": 512}
+    kw = {"kv_cache": kv_cache, "max_slots": 16, "prefill_chunk": 128, "prefill_budget": 128}
     want = Engine(model, **kw).generate(prompts, params)
     eng = Engine(model, **kw, speculative="ngram", num_speculative_tokens=4,
                  speculative_max_batch=0)  # speculate in the full batch too
@@ -270,10 +270,8 @@ def test_real_model_float_same_tokens(real_prompts, kv_cache):
 
 @pytest.mark.slow
 def test_real_model_qoq_same_tokens(real_prompts):
-    import qoq_jax
-    from qoq_jax.quant.config import QuantConfig
+    from helpers import quick_qoq_default_model
 
-    q = qoq_jax.load(dtype="float32", quantize=QuantConfig(
-        weight_format="g128", calib_samples=2, calib_seq_len=64, clip_grid=4, gptq=False))
+    q = quick_qoq_default_model("g128")
     for kv_cache in ("16bit", "kv4"):
         _check_real(q.model, real_prompts, kv_cache)

@@ -169,7 +169,7 @@ def test_lockstep_steps_are_warmed_up_and_keep_free_rows_exact(tmp_path):
     llm = qoq_jax.load(make_tiny_quant_checkpoint(tmp_path / "m", "llama", seed=4),
                        max_slots=4, page_size=16, num_pages=64, prefill_chunk=32)
     eng = llm.engine
-    assert eng.warmup() > 0
+    eng.warmup()
     assert {f"forward/{r}" for r in eng.program_shapes()["decode"]} <= set(
         eng.runner.compiled_programs)
     free = qoq_jax.SamplingParams(max_new_tokens=20, stop_token_ids=())
