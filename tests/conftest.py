@@ -33,15 +33,10 @@ def pytest_configure(config):
     jax.config.update("jax_enable_compilation_cache", False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """After each test module: drop the compiled programs nothing needs any more (JAX's caches,
-    the module's engines). Every XLA:CPU executable keeps memory mappings of its JIT code (a
-    default engine's 10 programs: ~4,700), and a process may have 65,530 (vm.max_map_count);
-    at the limit XLA's LLVM JIT fails ("Cannot allocate memory", reproduced by filling the
-    mappings first). Workers that kept every program of a group of test files reached 41,000
-    mappings (2026-12-07), and workers died inside XLA late in long runs (2026-12-03/04/07)."""
-    yield
+def _release_compiled_programs() -> None:
+    """Drop the compiled programs nothing needs any more: JAX's caches, the engines no test
+    holds (their runners' executables; engines can sit in reference cycles until a full
+    collection), runner.SHARED_EXECUTABLES."""
     import gc
 
     import jax
@@ -51,3 +46,33 @@ def _release_compiled_programs():
     SHARED_EXECUTABLES.clear()
     jax.clear_caches()
     gc.collect()
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:  # not Linux
+        return 0
+
+
+# Every XLA:CPU executable keeps memory mappings of its JIT code (a default engine's 10
+# programs: ~4,700), and a process may have 65,530 (vm.max_map_count); at the limit XLA's LLVM
+# JIT fails ("Cannot allocate memory", reproduced by filling the mappings first). Workers that
+# kept what they compiled reached 41,000 mappings in one group of test files (2026-12-07), and
+# workers died inside XLA late in long runs (2026-12-03/04/07). So compiled programs are
+# released after every test module, and after any test that leaves more than this many.
+MAPPINGS_HIGH = 30_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_after_each_module():
+    yield
+    _release_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def _release_when_mappings_run_high():
+    yield
+    if _mappings() > MAPPINGS_HIGH:
+        _release_compiled_programs()
