@@ -103,15 +103,33 @@ class ExecutableCache:
 
     def get(self, key):
         with self._lock:
-            return self._items.get(key)
+            return self._items.get(_HashedKey(key))
 
     def put(self, key, exe) -> None:
         with self._lock:
-            self._items[key] = exe
+            self._items[_HashedKey(key)] = exe
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+class _HashedKey:
+    """A key hashed once, when made. A weak dictionary removes an entry when its value dies,
+    hashing the key again; at interpreter exit that can be after the modules a signature's hash
+    needs are torn down (ModelConfig hashes its JSON), which printed "Exception ignored ...
+    TypeError" on exit."""
+
+    __slots__ = ("key", "hash")
+
+    def __init__(self, key):
+        self.key, self.hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HashedKey) and self.hash == other.hash and self.key == other.key
 
 
 SHARED_EXECUTABLES = ExecutableCache()

@@ -208,3 +208,20 @@ def test_the_command_line_tools_keep_compiled_programs_on_disk(tmp_path):
     assert probe() == (str(tmp_path / "xla"), 1)  # loaded from the cache: still counted
     assert len(list((tmp_path / "xla").iterdir())) == len(entries)  # and not compiled again
     assert probe(QOQ_JAX_COMPILATION_CACHE="0") == ("None", 1)
+
+
+_SCRIPT_HOLDING_AN_LLM = """
+import qoq_jax
+llm = qoq_jax.load(None, dtype="float32")  # a module global: alive until interpreter exit
+print(llm.generate("Say hi.", chat=True, max_new_tokens=2)[0].text)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_holding_an_llm_exits_quietly():
+    """Nothing printed at interpreter exit: the compiled programs shared between runners
+    (runner.SHARED_EXECUTABLES, weak entries) die after the modules their keys' hashes used."""
+    r = run("-c", _SCRIPT_HOLDING_AN_LLM)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr
