@@ -105,6 +105,33 @@ def run_load(engine, groups, params) -> tuple[dict, list[list[int]]]:
     return row, [r.tokens for r in results]
 
 
+def free_verification_bound(proposer, prompts, outputs, decode_steps: int) -> float:
+    """Output tokens per forward step if a verification step cost no more than a decode step:
+    the n-gram proposer replayed over the tokens the engine without speculation produced
+    (greedy, so the speculating engine's are the same), as the engine schedules it: a
+    sequence with proposals verifies them (the accepted ones + the target's own token), one
+    without decodes `decode_steps` steps. An upper bound on the speedup of n-gram speculation
+    for these outputs, whatever the verification costs on the machine."""
+    tokens = steps = 0
+    for prompt, out in zip(prompts, outputs):
+        t = 0
+        while t < len(out):
+            k = min(proposer.k, len(out) - t - 1)
+            prop = proposer.propose(list(prompt) + list(out[:t]), k) if k > 0 else []
+            if prop:
+                accepted = 0
+                while accepted < len(prop) and prop[accepted] == out[t + accepted]:
+                    accepted += 1
+                t += accepted + 1
+                steps += 1
+            else:
+                s = min(decode_steps, len(out) - t)
+                t += s
+                steps += s
+        tokens += len(out)
+    return tokens / max(1, steps)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +178,7 @@ def main(argv=None) -> int:
     for e in engines.values():
         e.warmup()
         e.generate(make_load(llm, "quote", 2, 0), params)  # first-run costs out of the way
-    rows, mismatches = [], 0
+    rows, mismatches, bounds = [], 0, {}
     for rep in range(args.repeats):
         for load in args.loads:
             for b in args.batches:
@@ -166,6 +193,11 @@ def main(argv=None) -> int:
                     row, tokens[name] = run_load(engines[name], groups, params)
                     rows.append({"engine": name, "load": load, "batch": b, "repeat": rep, **row})
                     print(rows[-1], flush=True)
+                limit = engines["on"].speculative_max_batch
+                if kind == "ngram" and (not limit or b <= limit):
+                    bounds.setdefault((load, b), []).append(free_verification_bound(
+                        engines["on"].scheduler.proposer, prompts, tokens["off"],
+                        engines["on"].decode_steps))
                 if tokens["on"] != tokens["off"]:
                     mismatches += 1
                     print(f"MISMATCH: {load} batch {b} repeat {rep}", flush=True)
@@ -197,12 +229,16 @@ def main(argv=None) -> int:
                     r["acceptance_rate_per_position"][j] for r in on) for j in range(k)],
                 "proposed_per_output_token": sum(r["proposed"] for r in on) / max(1, sum(
                     r["output_tokens"] for r in on))}
+            if (load, b) in bounds:  # n-gram: the speedup if verifying cost a decode step
+                summary[f"{load}/{b}"]["bound_free_verification"] = statistics.median(
+                    bounds[(load, b)])
             s = summary[f"{load}/{b}"]
             pairs = ", ".join(f"{x:.2f}" for x in ratios)
             print(f"| {args.variant} | {load} | {b} | off {med['off']:.1f} | on {med['on']:.1f} "
                   f"| x{s['speedup_median_of_pairs']:.2f} (pairs {pairs}) "
                   f"| CPU-time x{s['cpu_speedup_median_of_pairs']:.2f} "
-                  f"| accepted {s['acceptance_rate']:.2f} |", flush=True)
+                  f"| accepted {s['acceptance_rate']:.2f} "
+                  f"| bound {s.get('bound_free_verification', float('nan')):.2f} |", flush=True)
     out = Path(os.environ.get("OUT") or "out")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"args": vars(args), "device": jax.devices()[0].device_kind,

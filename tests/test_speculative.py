@@ -5,6 +5,8 @@ pages are freed, and the statistics. Tiny random models here; the real default m
 slow tests at the end."""
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -275,3 +277,19 @@ def test_real_model_qoq_same_tokens(real_prompts):
     q = quick_qoq_default_model("g128")
     for kv_cache in ("16bit", "kv4"):
         _check_real(q.model, real_prompts, kv_cache)
+
+
+def test_free_verification_bound_replays_the_proposer_as_the_engine_schedules_it():
+    """benchmarks/speculative.py's bound (tokens per forward step if verifying were free)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from speculative import free_verification_bound
+
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
+    proposer = NgramProposer(7, 4, 2)
+    # the output quotes the prompt on: 7 proposals accepted + the target's own token, one step
+    assert free_verification_bound(proposer, [prompt], [[3, 4, 5, 6, 7, 8, 9, 20]], 8) == 8.0
+    # two accepted + the target's 99 (one step), then no n-gram matches: 5 decode steps
+    out = [3, 4, 99, 50, 51, 52, 53, 54]
+    assert free_verification_bound(proposer, [prompt], [out], 8) == 8 / 6
+    # nothing to quote: plain decoding, one token per step, whatever the dispatch size
+    assert free_verification_bound(proposer, [[40, 41, 42]], [[43, 44, 45, 46]], 2) == 1.0
