@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     from qoq_jax.engine import Engine
     from qoq_jax.sampling import SamplingParams
 
-    from qoq_jax.speculative import speculative_arg
+    from qoq_jax.cli import speculative_arg
 
     kind, draft_path = speculative_arg(args.speculative)
     llm = qoq_jax.load(None, dtype="float32",

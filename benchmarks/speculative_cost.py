@@ -108,6 +108,8 @@ def measure(hf, batch, context, k, iters, dtype):
     """Milliseconds of the four programs at this batch (see the module docstring)."""
     import gc
 
+    from qoq_jax.runner import fetch
+
     out = {}
     slots = np.zeros((max(2, batch),), bool)
     for name, w4a8, kv in (("target", None, "16bit"), ("draft", "g128", "kv4")):
@@ -115,8 +117,6 @@ def measure(hf, batch, context, k, iters, dtype):
         runner = _runner(model, kv_cache=kv, batch=batch, context=context, k=k,
                          spec=name == "target")
         # every slot live at `context`: a prefill-like step samples into each slot
-        from qoq_jax.runner import fetch
-
         if name == "target":
             fetch(runner.step(_ragged(runner, batch, context - 1, 1, verify=False)))
             rows = runner.buckets.decode_rows(batch)

@@ -129,6 +129,54 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "same command and the mesh spans all hosts' devices")
 
 
+def speculative_arg(text: str) -> tuple[str, str | None]:
+    """--speculative's value: "ngram" -> ("ngram", None), "draft:PATH" -> ("draft", PATH)."""
+    if text == "ngram":
+        return "ngram", None
+    if text.startswith("draft:") and text[len("draft:"):]:
+        return "draft", text[len("draft:"):]
+    raise argparse.ArgumentTypeError(
+        f"expected 'ngram' or 'draft:PATH' (a draft model with the target's tokenizer: a "
+        f"quantized checkpoint, a Hugging Face directory or a .gguf file), got {text!r}")
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    """--speculative, --num-speculative-tokens, --ngram-max, --ngram-min,
+    --speculative-max-batch (generate, serve)."""
+    parser.add_argument("--speculative", type=speculative_arg, metavar="ngram|draft:PATH",
+                        help="speculative decoding, verified in one pass of the model; the "
+                             "output is the same as without (off by default). 'ngram' proposes "
+                             "tokens from earlier occurrences of a sequence's last tokens in its "
+                             "prompt and output (prompt lookup); 'draft:PATH' has a smaller "
+                             "model with the same tokenizer propose them (a quantized "
+                             "checkpoint, e.g. the QoQ W4A8KV4 copy of the model, keeps its KV4 "
+                             "cache)")
+    parser.add_argument("--num-speculative-tokens", type=bounded_int(1, 15), default=7,
+                        help="the most tokens proposed per sequence and step (default 7: with "
+                             "its last token a lone sequence's row fills an 8-token step)")
+    parser.add_argument("--ngram-max", type=bounded_int(1, None), default=4,
+                        help="longest suffix n-gram looked up (default 4)")
+    parser.add_argument("--ngram-min", type=bounded_int(1, None), default=2,
+                        help="shortest suffix n-gram looked up (default 2)")
+    parser.add_argument("--speculative-max-batch", type=bounded_int(0, None),
+                        help="speculate only while at most this many sequences decode (0: any "
+                             "number; default 2 on CPU, where larger batches are compute-bound "
+                             "and lose, no limit on GPU)")
+
+
+def speculative_kwargs(args) -> dict:
+    """qoq_jax.load's keywords for add_speculative_args' flags ({} when off)."""
+    if not args.speculative:
+        return {}
+    kind, draft = args.speculative
+    out = {"speculative": kind, "num_speculative_tokens": args.num_speculative_tokens,
+           "ngram_max": args.ngram_max, "ngram_min": args.ngram_min,
+           "speculative_max_batch": args.speculative_max_batch}
+    if draft is not None:
+        out["draft_model"] = draft
+    return out
+
+
 def init_parallel(args) -> None:
     """Start jax.distributed when --distributed was given (before any device is touched)."""
     if getattr(args, "distributed", False):

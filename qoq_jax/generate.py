@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 from qoq_jax.cli import (ArgumentParser, CliError, add_gemm_arg, add_kv_cache_arg,
-                         add_parallel_args, add_weight_format_args, bounded_float, bounded_int,
-                         init_parallel, page_size_arg, positive_int, read_prompts_file, run_cli,
-                         seed_arg, utf8_arg)
-from qoq_jax.speculative import add_speculative_args, engine_kwargs as speculative_kwargs
+                         add_parallel_args, add_speculative_args, add_weight_format_args,
+                         bounded_float, bounded_int, init_parallel, page_size_arg, positive_int,
+                         read_prompts_file, run_cli, seed_arg, speculative_kwargs, utf8_arg)
 
 
 def build_parser() -> argparse.ArgumentParser:

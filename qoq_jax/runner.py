@@ -848,14 +848,19 @@ class DeviceRunner:
         if exe is None:
             exe = self._shared(key)
             if exe is None:
-                exe = lower().compile(compiler_options=self._compile_options)
-                SHARED_EXECUTABLES.put((key, self._signature()), exe)
+                exe = self._keep(key, lower().compile(compiler_options=self._compile_options))
             self._executables[key] = exe
         return exe
 
     def _shared(self, key):
         """An executable another runner of the same signature compiled (None if none)."""
         return SHARED_EXECUTABLES.get((key, self._signature()))
+
+    def _keep(self, key, exe):
+        """A program this runner compiled: its own, and shared with runners of its signature."""
+        self._executables[key] = exe
+        SHARED_EXECUTABLES.put((key, self._signature()), exe)
+        return exe
 
     def _signature(self):
         """What decides this runner's programs besides the program and bucket: the model's
@@ -954,8 +959,7 @@ class DeviceRunner:
         compile_ = lambda kl: kl[1].compile(compiler_options=self._compile_options)  # noqa: E731
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # XLA compiles off the GIL
             for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
-                self._executables[key] = exe
-                SHARED_EXECUTABLES.put((key, self._signature()), exe)
+                self._keep(key, exe)
             # the sampling halves take the forward halves' logits (their type and placement)
             todo = []
             for rows in self.buckets.decode if structured else ():
@@ -967,8 +971,7 @@ class DeviceRunner:
                     todo.append((("sample", rows), _sample_rows.lower(
                         *args, n_top=self.max_logprobs, mesh=self.mesh)))
             for key, exe in zip([k for k, _ in todo], pool.map(compile_, todo)):
-                self._executables[key] = exe
-                SHARED_EXECUTABLES.put((key, self._signature()), exe)
+                self._keep(key, exe)
         return COMPILES.count - before
 
     # ------------------------------------------------------------------------------------------

@@ -27,10 +27,9 @@ import sys
 import time
 
 from qoq_jax.cli import (ArgumentParser, add_gemm_arg, add_kv_cache_arg, add_parallel_args,
-                         add_weight_format_args, bounded_float, bounded_int, init_parallel,
-                         page_size_arg, positive_int, run_cli)
+                         add_speculative_args, add_weight_format_args, bounded_float, bounded_int,
+                         init_parallel, page_size_arg, positive_int, run_cli, speculative_kwargs)
 from qoq_jax.server import EngineThread, create_app
-from qoq_jax.speculative import add_speculative_args, engine_kwargs as speculative_kwargs
 
 __all__ = ["EngineThread", "build_parser", "create_app", "main"]
 

@@ -226,7 +226,7 @@ def test_cli_and_load_take_a_draft_path(tmp_path, capsys):
     import qoq_jax
     from helpers import make_tiny_quant_checkpoint
     from qoq_jax import generate
-    from qoq_jax.speculative import speculative_arg
+    from qoq_jax.cli import speculative_arg
 
     target_dir = make_tiny_quant_checkpoint(tmp_path / "t", "llama", seed=1)
     draft_dir = make_tiny_quant_checkpoint(tmp_path / "d", "llama", seed=2)
